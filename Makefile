@@ -1,0 +1,22 @@
+# The two commands of the README: `make run` (the main job) and `make test` (the test suite).
+# Both set everything up first (scripts/bootstrap.sh is idempotent).
+PY := .venv/bin/python
+ENV_ID ?= AutoSculpt-ResNet
+ARGS ?=
+
+.PHONY: setup run test lint format bench
+
+setup:
+	@bash scripts/bootstrap.sh
+
+run: setup
+	$(PY) agents/ppo_gnn.py --env-id $(ENV_ID) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+format: setup
+	.venv/bin/ruff format . && .venv/bin/ruff check --fix .

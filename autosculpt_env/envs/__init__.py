@@ -1,0 +1,5 @@
+"""Environment classes."""
+
+from .autosculpt import AutoSculptEnv
+
+__all__ = ["AutoSculptEnv"]

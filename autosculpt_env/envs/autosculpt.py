@@ -1,0 +1,401 @@
+"""The AutoSculpt pruning environment."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from torch import nn
+
+from .. import data as data_mod
+from ..evaluation import AccuracyEvaluator, ProxyEvaluator
+from ..features import STATIC_BASE, num_features, static_features
+from ..graph import EDGE_TYPES
+from ..patterns import Catalog, get_catalog
+from ..problem import PruningProblem
+from ..records import EpisodeRecord
+from ..rewards import check_reward, terminal_reward
+
+EVALUATIONS = ("accuracy", "proxy")
+_SHARED: dict[tuple, tuple] = {}
+
+
+def _shared_problem(model, dataset, data_dir, catalog, reward_samples, recal, evaluation):
+    """Build (or reuse, for zoo models in this process) the problem and its evaluators.
+
+    Envs of the same configuration (e.g. the copies inside a ``SyncVectorEnv``) share the
+    graph, masks, cost table and the policy memo; they are deterministic, so sharing is safe.
+    """
+    key = None
+    if isinstance(model, str) and isinstance(catalog, str):
+        key = (model, dataset, str(data_dir), catalog, reward_samples, recal)
+    if key is not None and key in _SHARED:
+        problem, evaluator, static, proxy = _SHARED[key]
+    else:
+        problem = PruningProblem(model, dataset, catalog, data_dir)
+        evaluator = AccuracyEvaluator(problem, dataset, data_dir, reward_samples, recal)
+        static = static_features(problem)
+        proxy = None
+    if evaluation == "proxy" and proxy is None:
+        proxy = ProxyEvaluator(evaluator, dataset)
+    if key is not None:
+        _SHARED[key] = (problem, evaluator, static, proxy)
+    return problem, evaluator, static, proxy
+
+
+class AutoSculptEnv(gym.Env):
+    """
+    ## Description
+
+    Pattern-based pruning of a pretrained DNN as a sequential decision problem, after
+    AutoSculpt (Jing et al., arXiv 2412.18091). The network is a graph of operators
+    (``torch.fx``); an episode visits its prunable layers (convolutions and linear
+    layers) in topological order and, at each step, chooses one action of a pattern
+    catalog for the current layer (for the default ``autosculpt`` catalog: a pruning level
+    realised with the paper's six 3x3 row/column patterns, assigned to filters so as to
+    keep the most weight energy). After the last layer the pruned network is scored on the
+    held-out ``reward`` split.
+
+    ## Action Space
+
+    ``Discrete(P)``, P = number of catalog actions (10 for ``autosculpt``: ``level_0.0``
+    ... ``level_0.9``). Actions that do not apply to the current layer, or (with the
+    ``budget`` reward) that would make the FLOPs target unreachable, are invalid: they are
+    ``False`` in ``info["action_mask"]`` and in ``action_masks()``. Stepping an invalid,
+    out-of-range or non-integer action raises ``ValueError`` / ``TypeError`` naming the
+    layer and the valid actions.
+
+    ## Observation Space
+
+    ``Graph(node_space=Box(-inf, inf, (F,)), edge_space=Discrete(3))``: one node per
+    operator (conv, linear, norm, activation, add, concat, pool, matmul, softmax, input,
+    output ...), directed edges for data flow typed ``forward`` (0), ``residual`` (1) and
+    ``coupling`` (2, between layers whose channels must be pruned together). The node
+    features have a fixed layout whose length depends only on the catalog
+    (``F = 35 + 3P``; 65 for ``autosculpt``), documented in
+    :mod:`autosculpt_env.features`: operator type, log-scaled shapes, FLOPs and params
+    shares, weight statistics, per action the weight energy kept and FLOPs left, and the
+    episode state (prunable, current, decided, chosen action, FLOPs reduction so far,
+    budget left, progress).
+
+    ## Rewards
+
+    0 on every step but the last. The terminal reward is chosen with ``reward=``
+    (formulas and ranges in :mod:`autosculpt_env.rewards`): ``budget`` (default; accuracy,
+    with AMC's action wall guaranteeing the FLOPs target), ``band`` (the paper's: accuracy
+    inside ``target ± band_tolerance``, accuracy − 1 outside), ``log_flops`` (AMC's
+    ``-(1 - acc) log FLOPs``), ``tradeoff`` (``acc + tradeoff_lambda * reduction``).
+    Accuracy is top-1 on the first ``reward_samples`` images of the ``reward`` split after
+    batch-norm recalibration, or the proxy model's estimate with ``evaluation="proxy"``.
+    The test split is never touched.
+
+    ## Starting State
+
+    The dense pretrained network; the first prunable layer is current. The env is
+    deterministic: ``seed`` has no effect on dynamics or rewards.
+
+    ## Episode End
+
+    ``terminated=True`` after the last prunable layer is decided. There is no truncation.
+    The terminal ``info`` adds ``accuracy``, ``dense_accuracy``, ``flops_reduction``,
+    ``params_reduction``, ``pruning_rate``, ``flops``, ``params`` and ``policy`` (the
+    action name per layer); ``env.unwrapped.episode_record()`` returns a replayable
+    :class:`~autosculpt_env.records.EpisodeRecord`.
+
+    ## Arguments
+
+    * ``model``: zoo name (``resnet20``, ``vgg11``, ``mobilenetv2``, ``vit``) or an
+      ``nn.Module`` with pretrained weights for ``dataset``.
+    * ``dataset``: ``fashion-mnist`` (default), ``digits``, ``cifar10``, ``cifar100``.
+    * ``data_dir``: dataset folder (default: ``$AUTOSCULPT_DATA_DIR`` or the standard one).
+    * ``catalog``: ``autosculpt`` (default), ``patdnn``, ``nm``, ``structured`` or a
+      :class:`~autosculpt_env.patterns.Catalog`.
+    * ``reward``: ``budget`` (default), ``band``, ``log_flops``, ``tradeoff``.
+    * ``target_flops_reduction``: in (0, 1), default 0.5.
+    * ``reward_samples``: reward-split images scored, default 2048.
+    * ``bn_recalibration_samples``: training images for batch-norm recalibration, default
+      1024; 0 turns it off.
+    * ``evaluation``: ``accuracy`` (default) or ``proxy``.
+    * ``band_tolerance``: half-width of the ``band`` reward's target band, default 0.05.
+    * ``tradeoff_lambda``: weight of the FLOPs reduction in ``tradeoff``, default 1.0.
+
+    ## Registered Configurations
+
+    * ``AutoSculpt-v0``: the generic env (defaults above, model ``resnet20``).
+    * ``AutoSculpt-ResNet`` (ResNet-20), ``AutoSculpt-VGG`` (VGG-11-BN),
+      ``AutoSculpt-MobileNet`` (MobileNetV2), ``AutoSculpt-ViT`` (ViT): the zoo models on
+      Fashion-MNIST, catalog ``autosculpt``, reward ``budget``, target 0.5. Every keyword
+      can be overridden: ``gym.make("AutoSculpt-ResNet", dataset="digits")`` is a fast twin.
+
+    ## Version History
+
+    * v0: initial release.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        model: str | nn.Module = "resnet20",
+        dataset: str = "fashion-mnist",
+        data_dir: str | None = None,
+        catalog: str | Catalog = "autosculpt",
+        reward: str = "budget",
+        target_flops_reduction: float = 0.5,
+        reward_samples: int = 2048,
+        bn_recalibration_samples: int = 1024,
+        evaluation: str = "accuracy",
+        band_tolerance: float = 0.05,
+        tradeoff_lambda: float = 1.0,
+        render_mode: str | None = None,
+    ):
+        if render_mode is not None:
+            raise ValueError(f"render_mode {render_mode!r} is not supported; this env has no renderer")
+        data_mod.info(dataset)
+        get_catalog(catalog)
+        self.reward_name = check_reward(reward)
+        if isinstance(target_flops_reduction, bool) or not isinstance(target_flops_reduction, numbers.Real):
+            raise TypeError(f"target_flops_reduction must be a float in (0, 1), got {target_flops_reduction!r}")
+        if not 0.0 < float(target_flops_reduction) < 1.0:
+            raise ValueError(f"target_flops_reduction must be in (0, 1), got {target_flops_reduction}")
+        for name, value, low in (("reward_samples", reward_samples, 1), ("bn_recalibration_samples", bn_recalibration_samples, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if evaluation not in EVALUATIONS:
+            raise ValueError(f"unknown evaluation {evaluation!r}; choose one of {', '.join(EVALUATIONS)}")
+        self.target = float(target_flops_reduction)
+        self.band_tolerance = float(band_tolerance)
+        self.tradeoff_lambda = float(tradeoff_lambda)
+        self.evaluation = evaluation
+        self._init_kwargs = {
+            "model": model if isinstance(model, str) else f"<{type(model).__name__}>",
+            "dataset": dataset,
+            "data_dir": None if data_dir is None else str(data_dir),
+            "catalog": catalog if isinstance(catalog, str) else catalog.name,
+            "reward": reward,
+            "target_flops_reduction": self.target,
+            "reward_samples": int(reward_samples),
+            "bn_recalibration_samples": int(bn_recalibration_samples),
+            "evaluation": evaluation,
+            "band_tolerance": self.band_tolerance,
+            "tradeoff_lambda": self.tradeoff_lambda,
+        }
+
+        self.problem, self.evaluator, self._static, self._proxy = _shared_problem(
+            model, dataset, data_dir, catalog, int(reward_samples), int(bn_recalibration_samples), evaluation
+        )
+        p = self.problem
+        self.num_layers, self.num_actions = p.num_layers, p.num_actions
+        self.action_space = spaces.Discrete(self.num_actions)
+        F = num_features(self.num_actions)
+        self.observation_space = spaces.Graph(
+            node_space=spaces.Box(-np.inf, np.inf, (F,), np.float32),
+            edge_space=spaces.Discrete(len(EDGE_TYPES)),
+        )
+        self._edges = np.asarray([e[2] for e in p.graph.edges], dtype=np.int64)
+        self._links = np.asarray([(e[0], e[1]) for e in p.graph.edges], dtype=np.int64).reshape(-1, 2)
+        self._layer_rows = np.asarray(p.graph.layer_nodes, dtype=np.int64)
+        self._E = STATIC_BASE + 3 * self.num_actions
+
+        cost = p.cost
+        self.dense_flops = float(cost.dense_flops)
+        self.dense_params = float(cost.dense_params)
+        # AMC's action wall: the sum of per-layer table FLOPs (dead-channel savings left
+        # out) is an upper bound on the exact FLOPs, so bounding it meets the target.
+        self._table = np.where(p.valid, cost.flops, np.inf)
+        self._min_flops = self._table.min(axis=1)
+        self._suffix_min = np.concatenate([np.cumsum(self._min_flops[::-1])[::-1], [0.0]])
+        self._budget = (1.0 - self.target) * self.dense_flops * (1 + 1e-12)
+        if self.reward_name == "budget" and cost.fixed_flops + self._suffix_min[0] > self._budget:
+            best = 1.0 - (cost.fixed_flops + self._suffix_min[0]) / self.dense_flops
+            raise ValueError(
+                f"target_flops_reduction={self.target} cannot be reached on {p.model_name} with "
+                f"catalog {p.catalog.name!r}: at most {best:.3f} of the FLOPs can be removed"
+            )
+        self._sparsity = np.asarray([a.sparsity for a in p.catalog.actions], dtype=np.float32)
+        self.num_reward_evaluations = 0
+        self._t: int | None = None
+        self._policy: list[int] = []
+        self._last_record: EpisodeRecord | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def action_names(self) -> list[str]:
+        """Names of the catalog's actions (index = action)."""
+        return list(self.problem.catalog.action_names)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Prunable layers in the order the episode decides them."""
+        return [layer.name for layer in self.problem.layers]
+
+    # ------------------------------------------------------------------- internals
+    def _mask_at(self, t: int) -> np.ndarray:
+        valid = self.problem.valid[t].copy()
+        if self.reward_name == "budget":
+            decided = sum(self._table[i, a] for i, a in enumerate(self._policy))
+            total = self.problem.cost.fixed_flops + decided + self._table[t] + self._suffix_min[t + 1]
+            valid &= total <= self._budget
+        return valid
+
+    def _current_flops(self) -> float:
+        dense = self.problem.dense_action
+        return self.problem.policy_flops(self._policy + [dense] * (self.num_layers - len(self._policy)))
+
+    def _obs(self) -> spaces.GraphInstance:
+        return spaces.GraphInstance(nodes=self._x.copy(), edges=self._edges.copy(), edge_links=self._links.copy())
+
+    def _write_state(self, flops: float) -> None:
+        E, x = self._E, self._x
+        reduction = 1.0 - flops / self.dense_flops
+        x[:, E + 4] = reduction
+        x[:, E + 5] = max(0.0, flops / self.dense_flops - (1.0 - self.target))
+        x[:, E + 6] = len(self._policy) / self.num_layers
+        x[:, E + 1] = 0.0
+        if self._t is not None and self._t < self.num_layers:
+            x[self._layer_rows[self._t], E + 1] = 1.0
+
+    def _check_action(self, action) -> int:
+        if isinstance(action, np.ndarray) and action.ndim == 0:
+            action = action.item()
+        if isinstance(action, bool | np.bool_) or not isinstance(action, numbers.Integral):
+            raise TypeError(
+                f"action must be an integer index into the catalog (0..{self.num_actions - 1}), "
+                f"got {type(action).__name__} {action!r}"
+            )
+        a = int(action)
+        layer = self.problem.layers[self._t]
+        valid_names = [self.action_names[i] for i in np.flatnonzero(self._mask)]
+        if not 0 <= a < self.num_actions:
+            raise ValueError(
+                f"action {a} is out of range for Discrete({self.num_actions}) at layer "
+                f"{layer.name}; valid actions: {valid_names}"
+            )
+        if not self._mask[a]:
+            why = "does not apply to" if not self.problem.valid[self._t, a] else "would make the FLOPs target unreachable at"
+            raise ValueError(
+                f"action {a} ({self.action_names[a]}) {why} layer {layer.name} ({layer.kind}); "
+                f"valid actions: {valid_names}"
+            )
+        return a
+
+    # ------------------------------------------------------------------- gym API
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._t = 0
+        self._policy = []
+        self._x = self._static.copy()
+        self._mask = self._mask_at(0)
+        self._write_state(self._current_flops())
+        info = {"action_mask": self._mask.copy(), "layer": self.layer_names[0], "flops_reduction": 0.0}
+        return self._obs(), info
+
+    def step(self, action):
+        if self._t is None:
+            raise ValueError("call reset() before step()")
+        if self._t >= self.num_layers:
+            raise ValueError("the episode has ended (every layer is decided); call reset()")
+        a = self._check_action(action)
+        E, row = self._E, self._layer_rows[self._t]
+        self._x[row, E + 2] = 1.0
+        self._x[row, E + 3] = self._sparsity[a]
+        self._x[row, STATIC_BASE + 2 * self.num_actions + a] = 1.0
+        self._policy.append(a)
+        self._t += 1
+        flops = self._current_flops()
+        self._write_state(flops)
+        reduction = 1.0 - flops / self.dense_flops
+        if self._t < self.num_layers:
+            self._mask = self._mask_at(self._t)
+            info = {
+                "action_mask": self._mask.copy(),
+                "layer": self.layer_names[self._t],
+                "flops_reduction": reduction,
+            }
+            return self._obs(), 0.0, False, False, info
+        metrics = self._metrics(self._policy)
+        # no decision is pending: every action is marked valid so masked samplers stay
+        # well-defined for the autoreset step that follows in a vector env
+        self._mask = np.ones(self.num_actions, dtype=bool)
+        info = {"action_mask": self._mask.copy(), "layer": None, **metrics}
+        self._last_record = self._record(metrics)
+        return self._obs(), float(metrics["reward"]), True, False, info
+
+    # ------------------------------------------------------------- beyond the loop
+    def action_masks(self) -> np.ndarray:
+        """Valid actions for the current layer (the sb3-contrib ``MaskablePPO`` convention)."""
+        if self._t is None:
+            raise ValueError("call reset() before action_masks()")
+        return self._mask.copy()
+
+    def _as_indices(self, policy: Sequence[int] | Sequence[str]) -> list[int]:
+        policy = list(policy)
+        if policy and all(isinstance(a, str) for a in policy):
+            return self.problem.actions_from_names(policy)
+        return [int(a) for a in policy]
+
+    def _metrics(self, policy: list[int]) -> dict:
+        p = self.problem
+        self.num_reward_evaluations += 1
+        acc = self._proxy(policy) if self.evaluation == "proxy" else self.evaluator(policy)
+        flops = p.policy_flops(policy)
+        params = p.policy_params(policy)
+        reduction = 1.0 - flops / self.dense_flops
+        reward = terminal_reward(
+            self.reward_name, acc, reduction, flops, self.target, self.band_tolerance, self.tradeoff_lambda
+        )
+        dense_acc = self._proxy.dense_accuracy if self.evaluation == "proxy" else self.evaluator.dense_accuracy
+        return {
+            "accuracy": float(acc),
+            "dense_accuracy": float(dense_acc),
+            "flops_reduction": float(reduction),
+            "params_reduction": float(1.0 - params / self.dense_params),
+            "pruning_rate": float(p.pruning_rate(policy)),
+            "flops": float(flops),
+            "params": float(params),
+            "reward": float(reward),
+            "policy": [self.action_names[a] for a in policy],
+        }
+
+    def evaluate_policy(self, policy: Sequence[int] | Sequence[str]) -> dict:
+        """Score a whole policy (one action index or name per layer) in one reward evaluation.
+
+        Returns the terminal metrics of an episode that played it, plus ``meets_target``.
+        Under the ``budget`` reward a policy that misses the FLOPs target is still scored
+        (``meets_target=False``) so search baselines can see how far off it is.
+        """
+        idx = self._as_indices(policy)
+        self.problem.check_policy(idx)
+        m = self._metrics(idx)
+        m["meets_target"] = bool(m["flops_reduction"] >= self.target - 1e-12)
+        return m
+
+    def pruned_model(self, policy: Sequence[int] | Sequence[str]) -> nn.Module:
+        """A new ``nn.Module``: the network with the policy's masks applied, removed channels
+        zeroed and batch-norm statistics recalibrated (the network the reward scored)."""
+        idx = self._as_indices(policy)
+        self.problem.check_policy(idx)
+        return self.evaluator.calibrated_model(idx)
+
+    def _record(self, metrics: dict) -> EpisodeRecord:
+        env_id = self.spec.id if self.spec is not None else "AutoSculpt-v0"
+        return EpisodeRecord(
+            env_id=env_id,
+            env_kwargs=dict(self._init_kwargs),
+            layers=self.layer_names,
+            actions=list(metrics["policy"]),
+            metrics={k: v for k, v in metrics.items() if k != "policy"},
+        )
+
+    def episode_record(self, policy: Sequence[int] | Sequence[str] | None = None) -> EpisodeRecord:
+        """The replayable record of the last finished episode, or of ``policy`` if given."""
+        if policy is not None:
+            idx = self._as_indices(policy)
+            self.problem.check_policy(idx)
+            return self._record(self._metrics(idx))
+        if self._last_record is None:
+            raise ValueError("no episode has finished yet; pass a policy or finish an episode")
+        return self._last_record

@@ -1,0 +1,300 @@
+"""The model zoo: pretrained networks for the environment, loaded offline.
+
+Each zoo entry is a ``(model, dataset)`` pair with a fixed architecture config and training
+recipe. Weights are stored as safetensors next to a JSON manifest (architecture config,
+dataset and splits, seed, recipe, the exact training command, test accuracy, sha256).
+Loading checks the hash and never unpickles.
+
+* Fashion-MNIST weights ship with the package (``autosculpt_env/zoo_weights``); they were
+  produced by ``autosculpt zoo train --model M --dataset fashion-mnist --out autosculpt_env/zoo_weights``.
+* Digits entries train on first use (well under a minute) and are cached under
+  ``$AUTOSCULPT_CACHE/zoo`` (default ``~/.cache/autosculpt/zoo``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import data as data_mod
+from .models import build
+from .training import Recipe, accuracy, train
+
+SHIPPED_DIR = Path(__file__).parent / "zoo_weights"
+MODELS = ("resnet20", "vgg11", "mobilenetv2", "vit")
+
+
+class ZooError(RuntimeError):
+    """A zoo entry is unknown, missing or does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A zoo configuration: which architecture, how wide, and how it is trained."""
+
+    model: str
+    dataset: str
+    arch: str
+    config: dict = field(default_factory=dict)
+    recipe: Recipe = Recipe()
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}-{self.dataset}"
+
+    def build(self) -> nn.Module:
+        """The untrained network, built for the entry's dataset."""
+        info = data_mod.info(self.dataset)
+        return build(
+            self.arch,
+            in_channels=info.in_channels,
+            num_classes=info.num_classes,
+            image_size=info.image_size,
+            **self.config,
+        )
+
+
+_FMNIST = "fashion-mnist"
+_DIGITS_RECIPE = Recipe(epochs=30, lr=0.05, batch_size=64, crop_padding=1, hflip=False)
+_DIGITS_VIT_RECIPE = Recipe(
+    epochs=60, optimizer="adamw", lr=2e-3, weight_decay=0.05, batch_size=64, crop_padding=1, hflip=False
+)
+ENTRIES: dict[tuple[str, str], ZooEntry] = {}
+
+
+def _add(entry: ZooEntry) -> None:
+    ENTRIES[(entry.model, entry.dataset)] = entry
+
+
+_add(ZooEntry("resnet20", _FMNIST, "resnet20", {"width": 8}, Recipe(epochs=20, lr=0.1)))
+_add(ZooEntry("vgg11", _FMNIST, "vgg11", {"width_mult": 0.25}, Recipe(epochs=20, lr=0.05)))
+_add(
+    ZooEntry(
+        "mobilenetv2",
+        _FMNIST,
+        "mobilenetv2",
+        {"width_mult": 0.35, "last_channel": 256},
+        Recipe(epochs=15, lr=0.05, weight_decay=4e-5),
+    )
+)
+_add(
+    ZooEntry(
+        "vit",
+        _FMNIST,
+        "vit",
+        {"patch_size": 4, "depth": 4, "num_heads": 4, "dim": 64, "mlp_ratio": 2.0},
+        Recipe(epochs=30, optimizer="adamw", lr=2e-3, weight_decay=0.05, label_smoothing=0.1),
+    )
+)
+_add(ZooEntry("resnet20", "digits", "resnet20", {"width": 8}, _DIGITS_RECIPE))
+_add(ZooEntry("vgg11", "digits", "vgg11", {"width_mult": 0.25}, _DIGITS_RECIPE))
+_add(
+    ZooEntry(
+        "mobilenetv2", "digits", "mobilenetv2", {"width_mult": 0.35, "last_channel": 128}, _DIGITS_RECIPE
+    )
+)
+_add(
+    ZooEntry(
+        "vit",
+        "digits",
+        "vit",
+        {"patch_size": 2, "depth": 2, "num_heads": 4, "dim": 32, "mlp_ratio": 2.0},
+        _DIGITS_VIT_RECIPE,
+    )
+)
+
+
+def cache_dir() -> Path:
+    """``$AUTOSCULPT_CACHE`` (default ``~/.cache/autosculpt``)."""
+    return Path(os.environ.get("AUTOSCULPT_CACHE", Path.home() / ".cache" / "autosculpt"))
+
+
+def entry(model: str, dataset: str) -> ZooEntry:
+    """Look up a zoo entry, or raise a ``ValueError`` listing the known ones."""
+    if (model, dataset) not in ENTRIES:
+        known = ", ".join(f"{m}/{d}" for m, d in ENTRIES)
+        raise ValueError(f"no zoo entry for model {model!r} on dataset {dataset!r}; known: {known}")
+    return ENTRIES[(model, dataset)]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _candidates(e: ZooEntry) -> list[Path]:
+    return [SHIPPED_DIR / f"{e.key}.safetensors", cache_dir() / "zoo" / f"{e.key}.safetensors"]
+
+
+def find(model: str, dataset: str) -> tuple[Path, dict] | None:
+    """Return ``(weights_path, manifest)`` of the first stored copy of an entry, or ``None``.
+
+    A cached copy whose manifest describes another architecture config (written by an
+    older version of the entry) is passed over, so it is retrained rather than misloaded.
+    """
+    e = entry(model, dataset)
+    for path in _candidates(e):
+        man = path.with_suffix(".json")
+        if path.exists() and man.exists():
+            manifest = json.loads(man.read_text())
+            if manifest.get("arch") == e.arch and manifest.get("config") == e.config:
+                return path, manifest
+            if path.parent == SHIPPED_DIR:
+                raise ZooError(
+                    f"{man} describes {manifest.get('arch')}{manifest.get('config')} but the zoo "
+                    f"entry is {e.arch}{e.config}; retrain with `autosculpt zoo train --model "
+                    f"{model} --dataset {dataset} --out {SHIPPED_DIR}`."
+                )
+    return None
+
+
+def available() -> list[dict]:
+    """Every zoo entry with its manifest (``None`` where it has not been trained yet)."""
+    rows = []
+    for (model, dataset), e in ENTRIES.items():
+        found = find(model, dataset)
+        rows.append(
+            {
+                "model": model,
+                "dataset": dataset,
+                "arch": e.arch,
+                "config": e.config,
+                "path": str(found[0]) if found else None,
+                "manifest": found[1] if found else None,
+            }
+        )
+    return rows
+
+
+def load(
+    model: str,
+    dataset: str,
+    data_dir: str | os.PathLike | None = None,
+    train_if_missing: bool | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Return the pretrained network of a zoo entry, in eval mode, offline.
+
+    Args:
+        model: ``"resnet20"``, ``"vgg11"``, ``"mobilenetv2"`` or ``"vit"``.
+        dataset: ``"fashion-mnist"`` or ``"digits"``.
+        data_dir: where the dataset lives, if weights must be trained.
+        train_if_missing: train and cache the entry when no weights are stored. Defaults
+            to ``True`` for digits (under a minute) and ``False`` otherwise.
+        progress: show a progress bar when training.
+
+    Raises:
+        ZooError: weights missing (with the command that makes them) or not matching the
+            manifest's sha256.
+    """
+    e = entry(model, dataset)
+    found = find(model, dataset)
+    if found is None:
+        if train_if_missing is None:
+            train_if_missing = dataset == "digits"
+        if not train_if_missing:
+            raise ZooError(
+                f"no weights for {model}/{dataset} in {SHIPPED_DIR} or {cache_dir() / 'zoo'}. "
+                f"Train them with `autosculpt zoo train --model {model} --dataset {dataset}`."
+            )
+        train_entry(model, dataset, out_dir=cache_dir() / "zoo", data_dir=data_dir, progress=progress)
+        found = find(model, dataset)
+        assert found is not None
+    path, manifest = found
+    digest = sha256(path)
+    if digest != manifest["sha256"]:
+        raise ZooError(
+            f"{path} has sha256 {digest} but its manifest says {manifest['sha256']}: the file "
+            f"is corrupt or was replaced. Delete it and run `autosculpt zoo train --model "
+            f"{model} --dataset {dataset}`."
+        )
+    net = e.build()
+    state = load_file(str(path))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ZooError(f"{path} does not fit {e.arch}{e.config}: missing {missing}, unexpected {unexpected}")
+    return net.eval()
+
+
+def train_entry(
+    model: str,
+    dataset: str,
+    out_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    epochs: int | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict:
+    """Train a zoo entry on the ``train`` split and store weights + manifest.
+
+    Files are written to a temporary name first and renamed, so an interrupted run never
+    leaves a weight file without its manifest.
+
+    Returns:
+        The manifest that was written.
+    """
+    e = entry(model, dataset)
+    recipe = e.recipe if epochs is None else Recipe(**{**e.recipe.to_dict(), "epochs": epochs})
+    seed = e.seed if seed is None else seed
+    out = Path(out_dir) if out_dir is not None else cache_dir() / "zoo"
+    out.mkdir(parents=True, exist_ok=True)
+    train_ds = data_mod.load(dataset, "train", data_dir)
+    test_ds = data_mod.load(dataset, "test", data_dir)
+    reward_ds = data_mod.load(dataset, "reward", data_dir)
+    torch.manual_seed(seed)
+    net = e.build()
+    t0 = time.time()
+    train(net, train_ds, recipe, seed=seed, progress=progress, desc=f"{e.key}")
+    elapsed = time.time() - t0
+    test_acc = accuracy(net, test_ds)
+    if command is None:
+        command = "autosculpt zoo train " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if (
+            len(sys.argv) > 2 and sys.argv[1:3] == ["zoo", "train"]
+        ) else f"autosculpt zoo train --model {model} --dataset {dataset}"
+    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".safetensors.tmp")
+    os.close(fd)
+    save_file(state, tmp, metadata={"model": model, "dataset": dataset, "arch": e.arch})
+    manifest = {
+        "model": model,
+        "dataset": dataset,
+        "arch": e.arch,
+        "config": e.config,
+        "splits": {
+            "train": len(train_ds),
+            "reward": len(reward_ds),
+            "test": len(test_ds),
+            "split_seed": data_mod.SPLIT_SEED,
+            "trained_on": "train",
+        },
+        "seed": seed,
+        "recipe": recipe.to_dict(),
+        "epochs": recipe.epochs,
+        "command": command,
+        "test_accuracy": round(test_acc, 4),
+        "train_seconds": round(elapsed, 1),
+        "torch": torch.__version__,
+        "sha256": sha256(Path(tmp)),
+        "file": f"{e.key}.safetensors",
+    }
+    man_tmp = Path(tmp).with_suffix(".json.tmp")
+    man_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / f"{e.key}.safetensors")
+    os.replace(man_tmp, out / f"{e.key}.json")
+    return manifest

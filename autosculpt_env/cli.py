@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     zoo_p = sub.add_parser("zoo", help="list or train the pretrained model zoo")
     zoo_sub = zoo_p.add_subparsers(dest="zoo_command", required=True)
-    lst = zoo_sub.add_parser("list", help="zoo entries with test accuracy and where the weights are")
+    lst = zoo_sub.add_parser(
+        "list", help="zoo entries with test accuracy and where the weights are"
+    )
     lst.add_argument("--json", action="store_true", help="print the manifests as JSON")
     lst.set_defaults(func=_cmd_zoo_list)
     tr = zoo_sub.add_parser("train", help="train a zoo entry on the train split")

@@ -55,7 +55,9 @@ class DatasetInfo:
 INFO = {
     "digits": DatasetInfo("digits", 1, 8, 10, (0.3,), (0.38,)),
     "fashion-mnist": DatasetInfo("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,)),
-    "cifar10": DatasetInfo("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar10": DatasetInfo(
+        "cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    ),
     "cifar100": DatasetInfo(
         "cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
     ),
@@ -206,7 +208,9 @@ def _read_idx(path: Path, expected_ndim: int, expected_len: int) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:  # truncated gzip stream, unreadable file
-        raise DatasetError(f"cannot read {path} ({e}); the file looks truncated. {_FMNIST_FIX}")
+        raise DatasetError(
+            f"cannot read {path} ({e}); the file looks truncated. {_FMNIST_FIX}"
+        ) from e
     if len(raw) < 4 + 4 * expected_ndim:
         raise DatasetError(f"{path} is too short to be an IDX file. {_FMNIST_FIX}")
     zero, dtype_code, ndim = raw[0:2], raw[2], raw[3]
@@ -280,7 +284,7 @@ def _unpickle(path: Path, name: str) -> dict:
         try:
             return _ArrayUnpickler(f, encoding="bytes").load()
         except (EOFError, pickle.UnpicklingError) as e:
-            raise DatasetError(f"cannot read {path} ({e}); truncated? {_cifar_fix(name)}")
+            raise DatasetError(f"cannot read {path} ({e}); truncated? {_cifar_fix(name)}") from e
 
 
 def _read_cifar(name: str, pool: str, root: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -68,15 +68,21 @@ class AccuracyEvaluator:
         reward = data_mod.load(dataset, "reward", data_dir)
         n = min(reward_samples, len(reward))
         self.images, self.labels = reward.images[:n], reward.labels[:n]
-        self.norms = [m for m in problem.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.norms = [
+            m for m in problem.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
         self.recal_images = None
         if bn_recalibration_samples > 0 and self.norms:
             train = data_mod.load(dataset, "train", data_dir)
             g = torch.Generator().manual_seed(data_mod.SPLIT_SEED)
-            idx = torch.randperm(len(train), generator=g)[: min(bn_recalibration_samples, len(train))]
+            idx = torch.randperm(len(train), generator=g)[
+                : min(bn_recalibration_samples, len(train))
+            ]
             self.recal_images = train.images[idx.sort().values]
         self.net = copy.deepcopy(problem.model).eval()
-        self._net_norms = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._net_norms = [
+            m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
         self._applied: list[int] | None = None
         self.cache: dict[tuple[int, ...], float] = {}
         self.num_forward = 0  # policies actually scored (cache misses)
@@ -181,5 +187,7 @@ class ProxyEvaluator:
         return drop
 
     def __call__(self, policy: Sequence[int]) -> float:
-        acc = self.dense_accuracy - float(self.drop[self._rows, np.asarray(policy, dtype=np.int64)].sum())
+        acc = self.dense_accuracy - float(
+            self.drop[self._rows, np.asarray(policy, dtype=np.int64)].sum()
+        )
         return float(min(1.0, max(self.floor, acc)))

@@ -45,8 +45,8 @@ class LayerInfo:
     kind: str
     weight: torch.Tensor  # the pretrained weight (a private clone)
     bias: torch.Tensor | None
-    norm: str | None  # name of the batch norm that directly follows, if any
-    num_heads: int | None = None
+    norms: list[str]  # batch norms on the layer's channel-preserving paths (zeroed with a channel)
+    heads: tuple[int, int] | None = None  # (num_heads, head_axis) of attention projections
     energy: float = 0.0
     valid: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
@@ -69,6 +69,28 @@ def resolve_model(model: str | nn.Module, dataset: str, data_dir=None) -> tuple[
     raise TypeError(f"model must be a zoo name or an nn.Module, got {type(model).__name__}")
 
 
+def output_layers(graph: NetGraph) -> list[str]:
+    """Prunable layers that feed the network's output with no other prunable layer between
+    (the classifier). Pruning their output rows would delete classes or logits."""
+    layer_at = dict(zip(graph.layer_nodes, graph.layers))
+    into: dict[int, list[int]] = {}
+    for src, dst, etype in graph.edges:
+        if etype != 2:  # data flow only, not coupling
+            into.setdefault(dst, []).append(src)
+    out, stack, seen = [], [len(graph.nodes) - 1], set()
+    while stack:
+        n = stack.pop()
+        for src in into.get(n, []):
+            if src in seen:
+                continue
+            seen.add(src)
+            if src in layer_at:
+                out.append(layer_at[src])
+            else:
+                stack.append(src)
+    return sorted(out, key=graph.layers.index)
+
+
 class PruningProblem:
     """Graph, masks and cost table of one network under one pattern catalog.
 
@@ -77,6 +99,9 @@ class PruningProblem:
         dataset: dataset the network was trained on (decides the input shape and classes).
         catalog: a catalog name or :class:`~autosculpt_env.patterns.Catalog`.
         data_dir: dataset folder (passed to :func:`autosculpt_env.data.load`).
+        ignored_layers: ``Conv2d``/``Linear`` module names kept dense and out of the episode
+            (Torch-Pruning's ``ignored_layers``). ``None`` (default) ignores the output
+            layers (the classifier: removing its rows would delete classes).
     """
 
     def __init__(
@@ -85,27 +110,49 @@ class PruningProblem:
         dataset: str,
         catalog: str | Catalog = "autosculpt",
         data_dir=None,
+        ignored_layers: Sequence[str] | None = None,
     ):
         self.dataset_info = data_mod.info(dataset)
         self.catalog = get_catalog(catalog)
         self.model, self.model_name = resolve_model(model, dataset, data_dir)
         info = self.dataset_info
         self.example_inputs = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
-        self.graph: NetGraph = build_graph(self.model, self.example_inputs)
-        with torch.no_grad():
-            n_out = self.model(self.example_inputs).shape[-1]
+        try:
+            with torch.no_grad():
+                n_out = self.model(self.example_inputs).shape[-1]
+        except Exception as e:
+            raise ValueError(
+                f"model {self.model_name} fails on a {dataset} input of shape "
+                f"{tuple(self.example_inputs.shape)} ({type(e).__name__}: {e}); build it with "
+                f"in_channels={info.in_channels}, image_size={info.image_size}"
+            ) from e
         if n_out != info.num_classes:
             raise ValueError(
                 f"model {self.model_name} has {n_out} outputs but dataset {dataset!r} has "
                 f"{info.num_classes} classes; build the model with num_classes={info.num_classes}"
             )
+        graph = build_graph(self.model, self.example_inputs)
+        if ignored_layers is None:
+            ignored_layers = output_layers(graph)
+        unknown = set(ignored_layers) - set(graph.layers)
+        if unknown:
+            raise ValueError(
+                f"ignored_layers {sorted(unknown)} are not prunable layers; layers: {graph.layers}"
+            )
+        self.ignored_layers = list(ignored_layers)
+        if self.ignored_layers:
+            graph = build_graph(self.model, self.example_inputs, ignored_layers=self.ignored_layers)
+        if not graph.layers:
+            raise ValueError(
+                f"model {self.model_name} has no prunable layer left (ignored: {self.ignored_layers})"
+            )
+        self.graph: NetGraph = graph
         modules = dict(self.model.named_modules())
         self._modules = modules
         self.layers: list[LayerInfo] = []
         for name in self.graph.layers:
             mod = modules[name]
-            parent = modules[name.rsplit(".", 1)[0]] if "." in name else self.model
-            heads = getattr(parent, "num_heads", None)
+            heads = self.graph.heads(name)
             w = mod.weight.detach().clone()
             layer = LayerInfo(
                 name=name,
@@ -113,12 +160,13 @@ class PruningProblem:
                 kind=self.graph.layer_kind(name),
                 weight=w,
                 bias=None if mod.bias is None else mod.bias.detach().clone(),
-                norm=self._following_norm(name),
-                num_heads=heads,
+                norms=self.graph.channel_norms(name),
+                heads=heads,
                 energy=float(w.pow(2).sum()),
             )
             layer.valid = np.asarray(
-                self.catalog.valid_for(tuple(w.shape), layer.kind, num_heads=heads), dtype=bool
+                self.catalog.valid_for(tuple(w.shape), layer.kind, **self._head_kwargs(heads)),
+                dtype=bool,
             )
             self.layers.append(layer)
         self.num_layers = len(self.layers)
@@ -131,24 +179,30 @@ class PruningProblem:
         self.total_prunable_weights = sum(layer.weight.numel() for layer in self.layers)
 
     # ------------------------------------------------------------------ structure
-    def _following_norm(self, layer: str) -> str | None:
-        idx = self.graph.layer_nodes[self.graph.layers.index(layer)]
-        outs = [d for s, d, _ in self.graph.edges if s == idx]
-        for d in outs:
-            node = self.graph.nodes[d]
-            if node.op_type == "batch_norm" and len(outs) == 1:
-                return node.target
-        return None
+    @staticmethod
+    def _head_kwargs(heads: tuple[int, int] | None) -> dict:
+        return {} if heads is None else {"num_heads": heads[0], "head_axis": heads[1]}
 
     def _ranking_scores(self) -> list[torch.Tensor | None]:
+        """Group scores for the ``structured`` catalog: coupled layers rank channels alike.
+
+        A layer's per-channel score is the summed L2 norm of that channel's filters over its
+        coupling group. An attention output projection takes the scores of its module's
+        q/k/v group along its input (head) axis, so it drops the heads v drops.
+        """
         if self.catalog.name != "structured":
             return [None] * self.num_layers
-        norms = {
-            layer.name: layer.weight.flatten(1).norm(dim=1) for layer in self.layers
-        }
+        norms = {}
+        for layer in self.layers:
+            axis = layer.heads[1] if layer.heads else 0
+            norms[layer.name] = layer.weight.transpose(0, axis).flatten(1).norm(dim=1)
         scores: list[torch.Tensor | None] = []
         for layer in self.layers:
-            group = [g for g in self.graph.group_of(layer.name) if norms[g].shape == norms[layer.name].shape]
+            name = layer.name
+            if layer.heads and layer.heads[1] == 1:  # proj: follow its module's v
+                v = name.rsplit(".", 1)[0] + ".v"
+                name = v if v in norms else name
+            group = [g for g in self.graph.group_of(name) if norms[g].shape == norms[name].shape]
             scores.append(torch.stack([norms[g] for g in group]).sum(0) if len(group) > 1 else None)
         return scores
 
@@ -161,19 +215,28 @@ class PruningProblem:
             if not info.valid[action]:
                 return None
             self._masks[key] = self.catalog.mask(
-                action, info.weight, info.kind, scores=self._scores[layer], num_heads=info.num_heads
+                action,
+                info.weight,
+                info.kind,
+                scores=self._scores[layer],
+                **self._head_kwargs(info.heads),
             )
         return self._masks[key]
 
     def policy_masks(self, policy: Sequence[int]) -> dict[str, torch.Tensor]:
         """``{layer name: keep-mask}`` for a full policy."""
         self.check_policy(policy)
-        return {layer.name: self.mask(i, int(a)) for i, (layer, a) in enumerate(zip(self.layers, policy))}
+        return {
+            layer.name: self.mask(i, int(a))
+            for i, (layer, a) in enumerate(zip(self.layers, policy))
+        }
 
     def check_policy(self, policy: Sequence[int]) -> None:
         """Raise ``ValueError`` naming the first layer whose action is out of range or invalid."""
         if len(policy) != self.num_layers:
-            raise ValueError(f"a policy needs {self.num_layers} actions (one per layer), got {len(policy)}")
+            raise ValueError(
+                f"a policy needs {self.num_layers} actions (one per layer), got {len(policy)}"
+            )
         for i, a in enumerate(policy):
             if not (0 <= int(a) < self.num_actions) or not self.valid[i, int(a)]:
                 names = [self.catalog.action_names[j] for j in np.flatnonzero(self.valid[i])]
@@ -188,7 +251,9 @@ class PruningProblem:
         try:
             return [lookup[n] for n in names]
         except KeyError as e:
-            raise ValueError(f"unknown action name {e.args[0]!r}; catalog {self.catalog.name} has {list(lookup)}") from None
+            raise ValueError(
+                f"unknown action name {e.args[0]!r}; catalog {self.catalog.name} has {list(lookup)}"
+            ) from None
 
     def apply_policy(
         self, model: nn.Module, policy: Sequence[int], layers: Sequence[int] | None = None
@@ -213,8 +278,8 @@ class PruningProblem:
                 removed = ~m.flatten(1).any(dim=1)  # whole output channels removed
                 if layer.bias is not None:
                     mod.bias.copy_(layer.bias.masked_fill(removed, 0.0))
-                if layer.norm is not None:
-                    bn, src = modules[layer.norm], src_modules[layer.norm]
+                for norm in layer.norms:
+                    bn, src = modules[norm], src_modules[norm]
                     bn.weight.copy_(src.weight.masked_fill(removed, 0.0))
                     bn.bias.copy_(src.bias.masked_fill(removed, 0.0))
 

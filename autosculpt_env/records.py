@@ -15,7 +15,14 @@ from pathlib import Path
 
 from . import __version__
 
-METRICS = ("accuracy", "dense_accuracy", "flops_reduction", "params_reduction", "pruning_rate", "reward")
+METRICS = (
+    "accuracy",
+    "dense_accuracy",
+    "flops_reduction",
+    "params_reduction",
+    "pruning_rate",
+    "reward",
+)
 
 
 @dataclass
@@ -103,7 +110,9 @@ def replay(record: EpisodeRecord, accuracy_tolerance: float = 1e-3, **overrides)
     if "flops" in m and info["flops"] != m["flops"]:
         raise ValueError(f"replayed FLOPs {info['flops']} != recorded {m['flops']}")
     if abs(info["flops_reduction"] - m["flops_reduction"]) > 1e-12:
-        raise ValueError(f"replayed FLOPs reduction {info['flops_reduction']} != recorded {m['flops_reduction']}")
+        raise ValueError(
+            f"replayed FLOPs reduction {info['flops_reduction']} != recorded {m['flops_reduction']}"
+        )
     if abs(info["accuracy"] - m["accuracy"]) > accuracy_tolerance:
         raise ValueError(f"replayed accuracy {info['accuracy']} != recorded {m['accuracy']}")
     return info

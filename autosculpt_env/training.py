@@ -149,7 +149,9 @@ def train(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: ImageDataset, batch_size: int = 1024, limit: int | None = None) -> float:
+def accuracy(
+    model: nn.Module, data: ImageDataset, batch_size: int = 1024, limit: int | None = None
+) -> float:
     """Top-1 accuracy of ``model`` (in eval mode) on the first ``limit`` images of ``data``."""
     was_training = model.training
     model.eval()

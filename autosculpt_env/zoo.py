@@ -69,7 +69,13 @@ class ZooEntry:
 _FMNIST = "fashion-mnist"
 _DIGITS_RECIPE = Recipe(epochs=30, lr=0.05, batch_size=64, crop_padding=1, hflip=False)
 _DIGITS_VIT_RECIPE = Recipe(
-    epochs=60, optimizer="adamw", lr=2e-3, weight_decay=0.05, batch_size=64, crop_padding=1, hflip=False
+    epochs=60,
+    optimizer="adamw",
+    lr=2e-3,
+    weight_decay=0.05,
+    batch_size=64,
+    crop_padding=1,
+    hflip=False,
 )
 ENTRIES: dict[tuple[str, str], ZooEntry] = {}
 
@@ -102,7 +108,11 @@ _add(ZooEntry("resnet20", "digits", "resnet20", {"width": 8}, _DIGITS_RECIPE))
 _add(ZooEntry("vgg11", "digits", "vgg11", {"width_mult": 0.25}, _DIGITS_RECIPE))
 _add(
     ZooEntry(
-        "mobilenetv2", "digits", "mobilenetv2", {"width_mult": 0.35, "last_channel": 128}, _DIGITS_RECIPE
+        "mobilenetv2",
+        "digits",
+        "mobilenetv2",
+        {"width_mult": 0.35, "last_channel": 128},
+        _DIGITS_RECIPE,
     )
 )
 _add(
@@ -212,7 +222,9 @@ def load(
                 f"no weights for {model}/{dataset} in {SHIPPED_DIR} or {cache_dir() / 'zoo'}. "
                 f"Train them with `autosculpt zoo train --model {model} --dataset {dataset}`."
             )
-        train_entry(model, dataset, out_dir=cache_dir() / "zoo", data_dir=data_dir, progress=progress)
+        train_entry(
+            model, dataset, out_dir=cache_dir() / "zoo", data_dir=data_dir, progress=progress
+        )
         found = find(model, dataset)
         assert found is not None
     path, manifest = found
@@ -227,7 +239,9 @@ def load(
     state = load_file(str(path))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ZooError(f"{path} does not fit {e.arch}{e.config}: missing {missing}, unexpected {unexpected}")
+        raise ZooError(
+            f"{path} does not fit {e.arch}{e.config}: missing {missing}, unexpected {unexpected}"
+        )
     return net.eval()
 
 
@@ -264,9 +278,11 @@ def train_entry(
     elapsed = time.time() - t0
     test_acc = accuracy(net, test_ds)
     if command is None:
-        command = "autosculpt zoo train " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if (
-            len(sys.argv) > 2 and sys.argv[1:3] == ["zoo", "train"]
-        ) else f"autosculpt zoo train --model {model} --dataset {dataset}"
+        command = (
+            "autosculpt zoo train " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+            if (len(sys.argv) > 2 and sys.argv[1:3] == ["zoo", "train"])
+            else f"autosculpt zoo train --model {model} --dataset {dataset}"
+        )
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".safetensors.tmp")
     os.close(fd)

@@ -5,9 +5,9 @@ import struct
 import numpy as np
 import pytest
 import torch
+from conftest import needs_fashion_mnist
 
 from autosculpt_env import data
-from conftest import needs_fashion_mnist
 
 
 def test_digits_splits_sizes_and_disjointness():
@@ -129,12 +129,20 @@ def test_cifar_missing_folder(tmp_path):
 def test_cifar_reads_standard_folder_and_refuses_code_in_pickles(tmp_path):
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)]:
-        batch = {b"data": rng.integers(0, 255, (10000, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, 10000))}
+        batch = {
+            b"data": rng.integers(0, 255, (10000, 3072), dtype=np.uint8),
+            b"labels": list(rng.integers(0, 10, 10000)),
+        }
         (tmp_path / name).write_bytes(pickle.dumps(batch))
-    test_batch = {b"data": rng.integers(0, 255, (10000, 3072), dtype=np.uint8), b"labels": [int(v) for v in rng.integers(0, 10, 10000)]}
+    test_batch = {
+        b"data": rng.integers(0, 255, (10000, 3072), dtype=np.uint8),
+        b"labels": [int(v) for v in rng.integers(0, 10, 10000)],
+    }
     (tmp_path / "test_batch").write_bytes(pickle.dumps(test_batch))
     ds = data.load("cifar10", "test", data_dir=tmp_path)
-    assert ds.images.shape == (10000, 3, 32, 32) and len(data.load("cifar10", "reward", data_dir=tmp_path)) == round(50000 / 12)
+    assert ds.images.shape == (10000, 3, 32, 32) and len(
+        data.load("cifar10", "reward", data_dir=tmp_path)
+    ) == round(50000 / 12)
 
     class Evil:
         def __reduce__(self):

@@ -10,7 +10,9 @@ SHAPES = [(1, 8, 10), (1, 28, 10), (3, 32, 100)]
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("in_channels,image_size,num_classes", SHAPES)
 def test_every_model_traces_and_runs(arch, in_channels, image_size, num_classes):
-    kwargs = {"patch_size": 2 if image_size == 8 else 4, "depth": 2, "dim": 32} if arch == "vit" else {}
+    kwargs = (
+        {"patch_size": 2 if image_size == 8 else 4, "depth": 2, "dim": 32} if arch == "vit" else {}
+    )
     if arch.startswith("vgg"):
         kwargs["width_mult"] = 0.125
     if arch == "mobilenetv2":
@@ -18,7 +20,9 @@ def test_every_model_traces_and_runs(arch, in_channels, image_size, num_classes)
     if arch.startswith("resnet"):
         kwargs["width"] = 4
     torch.manual_seed(0)
-    model = build(arch, in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs).eval()
+    model = build(
+        arch, in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs
+    ).eval()
     x = torch.randn(3, in_channels, image_size, image_size)
     traced = torch.fx.symbolic_trace(model)
     with torch.no_grad():

@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import needs_fashion_mnist
 
 from autosculpt_env import data, zoo
 from autosculpt_env.cli import main as cli_main
 from autosculpt_env.training import accuracy
-from conftest import needs_fashion_mnist
 
 
 def test_available_lists_every_entry():
@@ -21,7 +21,16 @@ def test_shipped_weights_exist_with_manifest(model):
     path = zoo.SHIPPED_DIR / f"{model}-fashion-mnist.safetensors"
     manifest = json.loads(path.with_suffix(".json").read_text())
     assert zoo.sha256(path) == manifest["sha256"]
-    for field in ("config", "dataset", "splits", "seed", "epochs", "command", "test_accuracy", "sha256"):
+    for field in (
+        "config",
+        "dataset",
+        "splits",
+        "seed",
+        "epochs",
+        "command",
+        "test_accuracy",
+        "sha256",
+    ):
         assert field in manifest
     assert manifest["splits"]["trained_on"] == "train"
     assert manifest["command"].startswith("autosculpt zoo train")
@@ -44,9 +53,13 @@ def test_digits_entry_trains_on_first_use_and_caches(tmp_path, monkeypatch):
     path = tmp_path / "zoo" / "resnet20-digits.safetensors"
     manifest = json.loads(path.with_suffix(".json").read_text())
     assert manifest["test_accuracy"] > 0.85 and manifest["train_seconds"] < 60
-    assert accuracy(net, data.load("digits", "test")) == pytest.approx(manifest["test_accuracy"], abs=1e-6)
+    assert accuracy(net, data.load("digits", "test")) == pytest.approx(
+        manifest["test_accuracy"], abs=1e-6
+    )
     again = zoo.load("resnet20", "digits")  # from the cache, no retraining
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values())
+    )
 
 
 def test_corrupt_weights_are_refused(tmp_path, monkeypatch):
@@ -67,7 +80,10 @@ def test_stale_cache_is_retrained_not_misloaded(tmp_path, monkeypatch):
     m = json.loads(man.read_text())
     m["config"] = {"width_mult": 1.0}
     man.write_text(json.dumps(m))
-    assert zoo.find("vgg11", "digits") is None or zoo.find("vgg11", "digits")[0].parent != tmp_path / "zoo"
+    assert (
+        zoo.find("vgg11", "digits") is None
+        or zoo.find("vgg11", "digits")[0].parent != tmp_path / "zoo"
+    )
 
 
 def test_unknown_entry_and_missing_weights(tmp_path, monkeypatch):
@@ -75,7 +91,9 @@ def test_unknown_entry_and_missing_weights(tmp_path, monkeypatch):
         zoo.load("resnet99", "digits")
     monkeypatch.setattr(zoo, "SHIPPED_DIR", tmp_path / "empty")
     monkeypatch.setenv("AUTOSCULPT_CACHE", str(tmp_path))
-    with pytest.raises(zoo.ZooError, match="autosculpt zoo train --model vit --dataset fashion-mnist"):
+    with pytest.raises(
+        zoo.ZooError, match="autosculpt zoo train --model vit --dataset fashion-mnist"
+    ):
         zoo.load("vit", "fashion-mnist")
 
 

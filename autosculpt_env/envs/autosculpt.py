@@ -23,7 +23,7 @@ EVALUATIONS = ("accuracy", "proxy")
 _SHARED: dict[tuple, tuple] = {}
 
 
-def _shared_problem(model, dataset, data_dir, catalog, reward_samples, recal, evaluation):
+def _shared_problem(model, dataset, data_dir, catalog, reward_samples, recal, evaluation, ignored):
     """Build (or reuse, for zoo models in this process) the problem and its evaluators.
 
     Envs of the same configuration (e.g. the copies inside a ``SyncVectorEnv``) share the
@@ -31,11 +31,11 @@ def _shared_problem(model, dataset, data_dir, catalog, reward_samples, recal, ev
     """
     key = None
     if isinstance(model, str) and isinstance(catalog, str):
-        key = (model, dataset, str(data_dir), catalog, reward_samples, recal)
+        key = (model, dataset, str(data_dir), catalog, reward_samples, recal, ignored)
     if key is not None and key in _SHARED:
         problem, evaluator, static, proxy = _SHARED[key]
     else:
-        problem = PruningProblem(model, dataset, catalog, data_dir)
+        problem = PruningProblem(model, dataset, catalog, data_dir, ignored_layers=ignored)
         evaluator = AccuracyEvaluator(problem, dataset, data_dir, reward_samples, recal)
         static = static_features(problem)
         proxy = None
@@ -121,6 +121,9 @@ class AutoSculptEnv(gym.Env):
     * ``evaluation``: ``accuracy`` (default) or ``proxy``.
     * ``band_tolerance``: half-width of the ``band`` reward's target band, default 0.05.
     * ``tradeoff_lambda``: weight of the FLOPs reduction in ``tradeoff``, default 1.0.
+    * ``ignored_layers``: layer names kept dense and out of the episode (Torch-Pruning's
+      ``ignored_layers``); default ``None`` ignores the classifier (the layers feeding the
+      output), whose pruned rows would delete classes.
 
     ## Registered Configurations
 
@@ -150,22 +153,36 @@ class AutoSculptEnv(gym.Env):
         evaluation: str = "accuracy",
         band_tolerance: float = 0.05,
         tradeoff_lambda: float = 1.0,
+        ignored_layers: list[str] | None = None,
         render_mode: str | None = None,
     ):
         if render_mode is not None:
-            raise ValueError(f"render_mode {render_mode!r} is not supported; this env has no renderer")
+            raise ValueError(
+                f"render_mode {render_mode!r} is not supported; this env has no renderer"
+            )
         data_mod.info(dataset)
         get_catalog(catalog)
         self.reward_name = check_reward(reward)
-        if isinstance(target_flops_reduction, bool) or not isinstance(target_flops_reduction, numbers.Real):
-            raise TypeError(f"target_flops_reduction must be a float in (0, 1), got {target_flops_reduction!r}")
+        if isinstance(target_flops_reduction, bool) or not isinstance(
+            target_flops_reduction, numbers.Real
+        ):
+            raise TypeError(
+                f"target_flops_reduction must be a float in (0, 1), got {target_flops_reduction!r}"
+            )
         if not 0.0 < float(target_flops_reduction) < 1.0:
-            raise ValueError(f"target_flops_reduction must be in (0, 1), got {target_flops_reduction}")
-        for name, value, low in (("reward_samples", reward_samples, 1), ("bn_recalibration_samples", bn_recalibration_samples, 0)):
+            raise ValueError(
+                f"target_flops_reduction must be in (0, 1), got {target_flops_reduction}"
+            )
+        for name, value, low in (
+            ("reward_samples", reward_samples, 1),
+            ("bn_recalibration_samples", bn_recalibration_samples, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if evaluation not in EVALUATIONS:
-            raise ValueError(f"unknown evaluation {evaluation!r}; choose one of {', '.join(EVALUATIONS)}")
+            raise ValueError(
+                f"unknown evaluation {evaluation!r}; choose one of {', '.join(EVALUATIONS)}"
+            )
         self.target = float(target_flops_reduction)
         self.band_tolerance = float(band_tolerance)
         self.tradeoff_lambda = float(tradeoff_lambda)
@@ -182,10 +199,18 @@ class AutoSculptEnv(gym.Env):
             "evaluation": evaluation,
             "band_tolerance": self.band_tolerance,
             "tradeoff_lambda": self.tradeoff_lambda,
+            "ignored_layers": None if ignored_layers is None else list(ignored_layers),
         }
 
         self.problem, self.evaluator, self._static, self._proxy = _shared_problem(
-            model, dataset, data_dir, catalog, int(reward_samples), int(bn_recalibration_samples), evaluation
+            model,
+            dataset,
+            data_dir,
+            catalog,
+            int(reward_samples),
+            int(bn_recalibration_samples),
+            evaluation,
+            None if ignored_layers is None else tuple(ignored_layers),
         )
         p = self.problem
         self.num_layers, self.num_actions = p.num_layers, p.num_actions
@@ -196,7 +221,9 @@ class AutoSculptEnv(gym.Env):
             edge_space=spaces.Discrete(len(EDGE_TYPES)),
         )
         self._edges = np.asarray([e[2] for e in p.graph.edges], dtype=np.int64)
-        self._links = np.asarray([(e[0], e[1]) for e in p.graph.edges], dtype=np.int64).reshape(-1, 2)
+        self._links = np.asarray([(e[0], e[1]) for e in p.graph.edges], dtype=np.int64).reshape(
+            -1, 2
+        )
         self._layer_rows = np.asarray(p.graph.layer_nodes, dtype=np.int64)
         self._E = STATIC_BASE + 3 * self.num_actions
 
@@ -237,16 +264,22 @@ class AutoSculptEnv(gym.Env):
         valid = self.problem.valid[t].copy()
         if self.reward_name == "budget":
             decided = sum(self._table[i, a] for i, a in enumerate(self._policy))
-            total = self.problem.cost.fixed_flops + decided + self._table[t] + self._suffix_min[t + 1]
+            total = (
+                self.problem.cost.fixed_flops + decided + self._table[t] + self._suffix_min[t + 1]
+            )
             valid &= total <= self._budget
         return valid
 
     def _current_flops(self) -> float:
         dense = self.problem.dense_action
-        return self.problem.policy_flops(self._policy + [dense] * (self.num_layers - len(self._policy)))
+        return self.problem.policy_flops(
+            self._policy + [dense] * (self.num_layers - len(self._policy))
+        )
 
     def _obs(self) -> spaces.GraphInstance:
-        return spaces.GraphInstance(nodes=self._x.copy(), edges=self._edges.copy(), edge_links=self._links.copy())
+        return spaces.GraphInstance(
+            nodes=self._x.copy(), edges=self._edges.copy(), edge_links=self._links.copy()
+        )
 
     def _write_state(self, flops: float) -> None:
         E, x = self._E, self._x
@@ -275,7 +308,11 @@ class AutoSculptEnv(gym.Env):
                 f"{layer.name}; valid actions: {valid_names}"
             )
         if not self._mask[a]:
-            why = "does not apply to" if not self.problem.valid[self._t, a] else "would make the FLOPs target unreachable at"
+            why = (
+                "does not apply to"
+                if not self.problem.valid[self._t, a]
+                else "would make the FLOPs target unreachable at"
+            )
             raise ValueError(
                 f"action {a} ({self.action_names[a]}) {why} layer {layer.name} ({layer.kind}); "
                 f"valid actions: {valid_names}"
@@ -290,7 +327,11 @@ class AutoSculptEnv(gym.Env):
         self._x = self._static.copy()
         self._mask = self._mask_at(0)
         self._write_state(self._current_flops())
-        info = {"action_mask": self._mask.copy(), "layer": self.layer_names[0], "flops_reduction": 0.0}
+        info = {
+            "action_mask": self._mask.copy(),
+            "layer": self.layer_names[0],
+            "flops_reduction": 0.0,
+        }
         return self._obs(), info
 
     def step(self, action):
@@ -345,9 +386,19 @@ class AutoSculptEnv(gym.Env):
         params = p.policy_params(policy)
         reduction = 1.0 - flops / self.dense_flops
         reward = terminal_reward(
-            self.reward_name, acc, reduction, flops, self.target, self.band_tolerance, self.tradeoff_lambda
+            self.reward_name,
+            acc,
+            reduction,
+            flops,
+            self.target,
+            self.band_tolerance,
+            self.tradeoff_lambda,
         )
-        dense_acc = self._proxy.dense_accuracy if self.evaluation == "proxy" else self.evaluator.dense_accuracy
+        dense_acc = (
+            self._proxy.dense_accuracy
+            if self.evaluation == "proxy"
+            else self.evaluator.dense_accuracy
+        )
         return {
             "accuracy": float(acc),
             "dense_accuracy": float(dense_acc),
@@ -389,6 +440,25 @@ class AutoSculptEnv(gym.Env):
             actions=list(metrics["policy"]),
             metrics={k: v for k, v in metrics.items() if k != "policy"},
         )
+
+    def record_from_info(self, info: dict, extra: dict | None = None) -> EpisodeRecord:
+        """Build the record of a finished episode from its terminal ``info`` (as an agent
+        sees it, e.g. one env's slice of a vector env's ``final_info``), with no evaluation."""
+        keys = (
+            "accuracy",
+            "dense_accuracy",
+            "flops_reduction",
+            "params_reduction",
+            "pruning_rate",
+            "flops",
+            "params",
+            "reward",
+        )
+        record = self._record(
+            {**{k: float(info[k]) for k in keys}, "policy": [str(a) for a in info["policy"]]}
+        )
+        record.extra = dict(extra or {})
+        return record
 
     def episode_record(self, policy: Sequence[int] | Sequence[str] | None = None) -> EpisodeRecord:
         """The replayable record of the last finished episode, or of ``policy`` if given."""

@@ -1,0 +1,329 @@
+"""FLOPs and parameters of pruned networks: a per-(layer, action) table, exact for any policy.
+
+Conventions (FLOPs are per image, batch 1):
+
+* **FLOPs = 2 x MACs.** Dense counts are the graph's, i.e. what
+  ``torch.utils.flop_counter.FlopCounterMode`` counts: convolutions, ``mm``/``addmm``
+  (linear layers) and ``bmm``/matmul; bias adds, norms, activations and pools are free.
+* **A pruned layer** costs ``2 x (kept weights) x (uses per weight)``: a convolution uses
+  each weight once per output position, a linear layer once per token (the product of the
+  input's non-feature dimensions). Bias adds stay uncounted, as in ``FlopCounterMode``.
+* **Removed channels.** An output channel whose every weight is masked is *removed*: the
+  pruned model zeroes its bias and the scale and shift of the batch norms that follow it
+  (``NetGraph.channel_norms``), so the channel is exactly zero. The multiply-adds that the
+  layer's consumers (``NetGraph.consumers``: layers reached through zero-preserving,
+  channel-preserving operators only) perform on that input channel are then dead and an
+  engine skips them; they are subtracted. Nothing is subtracted across an add, a concat or
+  a matmul (another branch may keep the channel alive), and deadness does not cascade: a
+  consumer whose inputs are dead but whose own filter is not fully masked still outputs
+  its batch-norm shift, so its channel stays alive.
+* **Attention matmuls** (``q @ k^T``, ``attn @ v``) and everything else outside prunable
+  layers stay dense: they are ``fixed_flops``.
+* **Parameters** of a layer are its kept weights plus one bias per output channel that
+  is not removed. Everything else (norms, embeddings, non-prunable layers, and the biases
+  of removed channels' batch norms) is ``fixed_params`` at its dense size.
+
+A consumer reads a layer's output through single-input operators, so it has exactly one
+producer: producer-consumer pairs form a forest, which makes the exact cost of a policy a
+sum of per-layer terms and per-pair corrections (:attr:`CostTable.dead`), and the cheapest
+completion of a partial policy a small tree dynamic program
+(:meth:`CostTable.min_flops_from`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .graph import NetGraph
+from .patterns import Catalog
+
+
+@dataclass
+class CostTable:
+    """FLOPs and parameters of every (layer, action), with the dead-channel corrections.
+
+    Attributes:
+        layers: prunable layer names (the graph's order).
+        action_names: catalog action names.
+        flops: float64 ``(L, P)``: FLOPs of layer ``i``'s own kept weights under action
+            ``a``; NaN where the action is invalid.
+        params: float64 ``(L, P)``: kept weights plus biases of non-removed output channels;
+            NaN where invalid.
+        dead: ``(producer i, consumer m) -> (P, P)``: FLOPs of consumer ``m`` made dead when
+            ``i`` takes action ``a`` (rows) and ``m`` takes action ``b`` (columns).
+        dense_flops: FLOPs of the dense model (prunable layers, matmuls, everything).
+        dense_params: parameters of the dense model.
+        fixed_flops: FLOPs outside prunable layers.
+        fixed_params: parameters outside prunable layers' weights and biases.
+    """
+
+    layers: list[str]
+    action_names: list[str]
+    flops: np.ndarray
+    params: np.ndarray
+    dead: dict[tuple[int, int], np.ndarray]
+    dense_flops: int
+    dense_params: int
+    fixed_flops: float
+    fixed_params: float
+
+    def __post_init__(self) -> None:
+        n_layers = len(self.layers)
+        parent = [-1] * n_layers
+        self._children: list[list[int]] = [[] for _ in range(n_layers)]
+        for i, m in sorted(self.dead):
+            if parent[m] not in (-1, i) or m <= i:
+                raise ValueError(
+                    f"layer {self.layers[m]} has dead-channel corrections from two producers "
+                    "or from a later layer; producer-consumer pairs must form a forest"
+                )
+            parent[m] = i
+            self._children[i].append(m)
+        self._roots = [i for i in range(n_layers) if parent[i] == -1]
+        self._f = np.where(np.isnan(self.flops), np.inf, self.flops)
+        self._d = {k: np.nan_to_num(v, nan=0.0) for k, v in self.dead.items()}
+        # Cheapest cost of each layer's subtree of consumers for each of its own actions,
+        # with all of them free: consumers come later in topological order, so a reverse
+        # sweep sees every child before its parent.
+        self._free: list[np.ndarray] = [np.empty(0)] * n_layers
+        for i in reversed(range(n_layers)):
+            value = self._f[i].copy()
+            for m in self._children[i]:
+                value = value + np.min(self._free[m][None, :] - self._d[(i, m)], axis=1)
+            self._free[i] = value
+        # _root_suffix[k] = sum of the cheapest subtree costs of the roots at index >= k.
+        root_min = np.zeros(n_layers + 1)
+        for r in self._roots:
+            root_min[r] = float(np.min(self._free[r]))
+        self._root_suffix = np.cumsum(root_min[::-1])[::-1]
+
+    def _check(self, actions: Sequence[int], full: bool) -> list[int]:
+        acts = [int(a) for a in actions]
+        n_layers, n_actions = self.flops.shape
+        if (len(acts) != n_layers) if full else (len(acts) > n_layers):
+            raise ValueError(
+                f"expected {'one action per layer' if full else 'at most one action per layer'} "
+                f"({n_layers} layers), got {len(acts)}"
+            )
+        for i, a in enumerate(acts):
+            if not 0 <= a < n_actions or np.isnan(self.flops[i, a]):
+                valid = [self.action_names[j] for j in np.flatnonzero(~np.isnan(self.flops[i]))]
+                raise ValueError(
+                    f"action {a} is not valid for layer {self.layers[i]}; valid: {valid}"
+                )
+        return acts
+
+    def policy_flops(self, actions: Sequence[int]) -> float:
+        """Exact FLOPs of a full policy: fixed + per-layer costs - dead-channel corrections."""
+        acts = self._check(actions, full=True)
+        total = self.fixed_flops + sum(float(self.flops[i, a]) for i, a in enumerate(acts))
+        total -= sum(float(d[acts[i], acts[m]]) for (i, m), d in self.dead.items())
+        return total
+
+    def policy_params(self, actions: Sequence[int]) -> float:
+        """Exact parameters of a full policy."""
+        acts = self._check(actions, full=True)
+        return self.fixed_params + sum(float(self.params[i, a]) for i, a in enumerate(acts))
+
+    def min_flops_from(self, decided: Sequence[int]) -> float:
+        """The fewest FLOPs any completion of a partial policy can reach (exact).
+
+        The first ``len(decided)`` layers take the given actions; every other layer may take
+        any valid action. Dead-channel corrections are included exactly, by dynamic
+        programming over the producer-consumer forest: a layer's subtree cost for each of
+        its actions is its own FLOPs plus, per consumer, the cheapest consumer subtree cost
+        minus the FLOPs that action makes dead. Undecided subtrees are precomputed, so a
+        call costs O(len(decided)) small vector operations.
+
+        Args:
+            decided: actions of the first layers, in layer order.
+
+        Returns:
+            The minimum FLOPs; equals :meth:`policy_flops` for a full policy.
+        """
+        acts = self._check(decided, full=False)
+        k = len(acts)
+        total = self.fixed_flops + float(self._root_suffix[k])
+        subtree: dict[int, float] = {}
+        parent_free = set(self._roots)
+        for i in reversed(range(k)):
+            a = acts[i]
+            value = float(self._f[i, a])
+            for m in self._children[i]:
+                if m < k:
+                    value += subtree[m] - float(self._d[(i, m)][a, acts[m]])
+                else:
+                    value += float(np.min(self._free[m] - self._d[(i, m)][a]))
+            subtree[i] = value
+            if i in parent_free:
+                total += value
+        return total
+
+    def min_flops_next(self, decided: Sequence[int]) -> np.ndarray:
+        """:meth:`min_flops_from` for every action of the next layer (``inf`` where invalid)."""
+        k = len(decided)
+        out = np.full(self.flops.shape[1], np.inf)
+        if k >= len(self.layers):
+            raise ValueError("every layer is decided already")
+        for a in np.flatnonzero(~np.isnan(self.flops[k])):
+            out[a] = self.min_flops_from([*decided, int(a)])
+        return out
+
+
+def _uses_per_weight(graph: NetGraph, layer: str) -> int:
+    """How many multiply-adds each weight takes part in (output positions or tokens)."""
+    node = graph.node(layer)
+    numel = graph.module(layer).weight.numel()
+    uses, rest = divmod(node.flops, 2 * numel)
+    if rest:
+        raise ValueError(
+            f"layer {layer}: {node.flops} FLOPs is not 2 x {numel} weights x a whole number "
+            "of positions"
+        )
+    return uses
+
+
+def _in_channel_counts(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """Kept weights per input channel of a layer, float64 ``(in_channels,)``."""
+    m = mask.to(torch.float64)
+    if isinstance(module, nn.Conv2d):
+        groups = module.groups
+        out_c, in_per_group = m.shape[:2]
+        per = m.reshape(groups, out_c // groups, in_per_group, -1).sum(dim=(1, 3))
+        return per.reshape(-1)
+    return m.reshape(m.shape[0], -1).sum(0)
+
+
+def _removed_channels(mask: torch.Tensor) -> torch.Tensor:
+    return ~mask.reshape(mask.shape[0], -1).any(1)
+
+
+def _layer_params(module: nn.Module, mask: torch.Tensor) -> float:
+    kept = float(mask.sum())
+    if getattr(module, "bias", None) is not None:
+        kept += float((~_removed_channels(mask)).sum())
+    return kept
+
+
+def _owned_params(module: nn.Module) -> int:
+    bias = getattr(module, "bias", None)
+    return module.weight.numel() + (bias.numel() if bias is not None else 0)
+
+
+def build_cost_table(
+    graph: NetGraph,
+    catalog: Catalog,
+    masks: Callable[[int, int], torch.Tensor | None],
+) -> CostTable:
+    """Tabulate FLOPs and parameters of every (layer, action) of a catalog.
+
+    Args:
+        graph: the network's graph.
+        catalog: the pattern catalog (its actions are the table's columns).
+        masks: ``masks(i, a)`` returns layer ``i``'s bool keep-mask under action ``a``, or
+            ``None`` where the action is invalid for the layer.
+
+    Returns:
+        The table.
+    """
+    n_layers, n_actions = len(graph.layers), len(catalog)
+    flops = np.full((n_layers, n_actions), np.nan)
+    params = np.full((n_layers, n_actions), np.nan)
+    removed = [np.full((n_actions, 0), np.nan)] * n_layers  # (P, out_channels)
+    per_in = [np.full((n_actions, 0), np.nan)] * n_layers  # (P, in_channels)
+    uses = [_uses_per_weight(graph, name) for name in graph.layers]
+    for i, name in enumerate(graph.layers):
+        module = graph.module(name)
+        weight = module.weight
+        rem = np.full((n_actions, weight.shape[0]), np.nan)
+        cnt = None
+        for a in range(n_actions):
+            mask = masks(i, a)
+            if mask is None:
+                continue
+            if mask.shape != weight.shape:
+                raise ValueError(
+                    f"mask of layer {name} under {catalog.action_names[a]} has shape "
+                    f"{tuple(mask.shape)}, the weight {tuple(weight.shape)}"
+                )
+            mask = mask.detach().to("cpu", torch.bool)
+            flops[i, a] = 2.0 * float(mask.sum()) * uses[i]
+            params[i, a] = _layer_params(module, mask)
+            rem[a] = _removed_channels(mask).numpy()
+            counts = _in_channel_counts(module, mask).numpy()
+            if cnt is None:
+                cnt = np.full((n_actions, counts.shape[0]), np.nan)
+            cnt[a] = counts
+        removed[i] = rem
+        per_in[i] = cnt if cnt is not None else np.full((n_actions, 0), np.nan)
+
+    dead: dict[tuple[int, int], np.ndarray] = {}
+    index = {name: i for i, name in enumerate(graph.layers)}
+    for i, name in enumerate(graph.layers):
+        for consumer in graph.consumers(name):
+            m = index[consumer]
+            if removed[i].shape[1] != per_in[m].shape[1]:
+                raise ValueError(
+                    f"{name} has {removed[i].shape[1]} output channels but its consumer "
+                    f"{consumer} reads {per_in[m].shape[1]}"
+                )
+            dead[(i, m)] = 2.0 * uses[m] * (removed[i] @ per_in[m].T)
+
+    prunable_flops = sum(graph.node(name).flops for name in graph.layers)
+    prunable_params = sum(_owned_params(graph.module(name)) for name in graph.layers)
+    return CostTable(
+        layers=list(graph.layers),
+        action_names=catalog.action_names,
+        flops=flops,
+        params=params,
+        dead=dead,
+        dense_flops=graph.dense_flops,
+        dense_params=graph.dense_params,
+        fixed_flops=float(graph.dense_flops - prunable_flops),
+        fixed_params=float(graph.dense_params - prunable_params),
+    )
+
+
+def masked_flops(graph: NetGraph, masks: dict[str, torch.Tensor]) -> float:
+    """FLOPs of the network with the given masks, counted directly from the masks.
+
+    The reference for :meth:`CostTable.policy_flops`: kept multiply-adds of every layer,
+    minus the multiply-adds of consumers on removed channels. Layers missing from ``masks``
+    are dense.
+    """
+    total = float(graph.dense_flops - sum(graph.node(name).flops for name in graph.layers))
+    full = {
+        name: masks.get(name, torch.ones_like(graph.module(name).weight, dtype=torch.bool))
+        .detach()
+        .to("cpu", torch.bool)
+        for name in graph.layers
+    }
+    for name in graph.layers:
+        mask = full[name]
+        total += 2.0 * float(mask.sum()) * _uses_per_weight(graph, name)
+        gone = _removed_channels(mask)
+        for consumer in graph.consumers(name):
+            counts = _in_channel_counts(graph.module(consumer), full[consumer])
+            total -= 2.0 * _uses_per_weight(graph, consumer) * float(counts[gone].sum())
+    return total
+
+
+def masked_params(graph: NetGraph, masks: dict[str, torch.Tensor]) -> float:
+    """Parameters of the network with the given masks (see the module conventions)."""
+    total = float(graph.dense_params)
+    for name in graph.layers:
+        module = graph.module(name)
+        total -= _owned_params(module)
+        mask = masks.get(name)
+        mask = (
+            torch.ones_like(module.weight, dtype=torch.bool)
+            if mask is None
+            else mask.detach().to("cpu", torch.bool)
+        )
+        total += _layer_params(module, mask)
+    return total

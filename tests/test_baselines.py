@@ -1,0 +1,77 @@
+"""Smoke runs of the reference agents (CleanRL style: each agent is run as a program with a
+tiny budget on the digits twin of AutoSculpt-ResNet).
+
+Each run is made once (module-scoped fixture) and checked twice: the best episode it writes
+replays and meets the FLOPs target, and the reward-evaluation budget is never exceeded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from autosculpt_env.records import EpisodeRecord, replay
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--env-id", "AutoSculpt-ResNet", "--dataset", "digits", "--no-progress", "--threads", "1"]
+
+# (run id, agent file, extra arguments, budget, whether the agent must spend all of it)
+RUNS = [
+    ("ppo_mlp", "ppo_mlp", [], 8, True),  # 4 envs finish together: a multiple of 4 is spent
+    ("ppo_mlp-partial", "ppo_mlp", [], 6, False),  # stops at 4 rather than overshoot to 8
+    ("ddpg_amc", "ddpg_amc", ["--warmup-episodes", "3", "--batch-size", "16"], 6, True),
+    ("random_search", "random_search", [], 6, True),
+    ("uniform", "uniform", [], 6, False),  # at most one per level that meets the target
+    ("greedy", "greedy", [], 6, True),  # too small for the table: weight-energy estimate
+    ("greedy-table", "greedy", [], 25, False),  # one measured level per layer (ResNet-20 has ~21)
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+    def run(spec):
+        run_id, agent, extra, budget, _ = spec
+        cmd = [sys.executable, str(ROOT / "agents" / f"{agent}.py"), *COMMON, *extra]
+        cmd += ["--max-reward-evaluations", str(budget), "--output-dir", str(out)]
+        cmd += ["--run-name", run_id]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        return run_id, (proc, out / run_id)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two single-threaded agents at a time
+        return dict(pool.map(run, RUNS))
+
+
+@pytest.mark.parametrize("run_id", [r[0] for r in RUNS])
+def test_agent_writes_a_replayable_best_episode(runs, run_id):
+    proc, run_dir = runs[run_id]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "best reward" in proc.stdout
+    record = EpisodeRecord.load(run_dir / "best.json")
+    info = replay(record)
+    target = record.env_kwargs["target_flops_reduction"]
+    assert record.env_kwargs["reward"] == "budget"
+    assert record.metrics["flops_reduction"] >= target - 1e-12
+    assert info["flops_reduction"] >= target - 1e-12
+    assert list(run_dir.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("run_id", [r[0] for r in RUNS])
+def test_agent_respects_the_evaluation_budget(runs, run_id):
+    proc, run_dir = runs[run_id]
+    _, _, _, budget, spends_all = next(r for r in RUNS if r[0] == run_id)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    used = int(re.search(r"(\d+) reward evaluations", proc.stdout).group(1))
+    assert 0 < used <= budget
+    if spends_all:
+        assert used == budget
+    record = EpisodeRecord.load(run_dir / "best.json")
+    assert 0 < record.extra["reward_evaluations"] <= used

@@ -26,6 +26,7 @@ Neither evaluator ever reads the ``test`` split.
 from __future__ import annotations
 
 import copy
+import sys
 import hashlib
 import json
 from collections.abc import Sequence
@@ -167,7 +168,7 @@ class ProxyEvaluator:
         if self.path.exists():
             self.drop = np.load(self.path)["drop"]
         else:
-            self.drop = self._measure(evaluator, progress)
+            self.drop = self._measure(evaluator, progress and sys.stderr.isatty())
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp.npz")
             np.savez(tmp, drop=self.drop)

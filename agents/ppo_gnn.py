@@ -65,11 +65,11 @@ class Args:
     """total env steps (one step = one layer decision)"""
     max_reward_evaluations: int | None = None
     """stop after this many reward evaluations (finished episodes); the leaderboard's budget"""
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     """the learning rate of the optimizer"""
     num_envs: int = 4
     """the number of parallel game environments"""
-    num_steps: int = 88
+    num_steps: int = 42
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
     """Toggle learning rate annealing for policy and value networks"""
@@ -133,7 +133,7 @@ def to_data(obs: gym.spaces.GraphInstance) -> Data:
     )
 
 
-def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+def layer_init(layer, std=2**0.5, bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
     return layer
@@ -277,6 +277,7 @@ if __name__ == "__main__":
     next_obs = [to_data(o) for o in next_obs]
     next_mask = torch.as_tensor(infos["action_mask"], dtype=torch.bool)
     next_done = torch.zeros(args.num_envs)
+    episode_len = np.zeros(args.num_envs, dtype=np.int64)
     total = args.max_reward_evaluations or args.total_timesteps
     bar = tqdm(
         total=total,
@@ -345,6 +346,14 @@ if __name__ == "__main__":
                             acc=f"{info_i['accuracy']:.4f}",
                             flops=f"-{info_i['flops_reduction']:.2f}",
                         )
+            # every episode the next step finishes costs a reward evaluation: stop before one
+            # that would finish more episodes than the budget has left
+            episode_len = np.where(next_done.numpy() > 0, 0, episode_len + 1)
+            if (
+                budget.remaining is not None
+                and int((episode_len + 1 >= base.num_layers).sum()) > budget.remaining
+            ):
+                budget.max_reward_evaluations = budget.reward_evaluations
             if budget.exhausted:
                 break
         if budget.exhausted and step < args.num_steps - 1:
@@ -380,7 +389,7 @@ if __name__ == "__main__":
         # Optimizing the policy and value network
         b_inds = np.arange(args.batch_size)
         clipfracs = []
-        for epoch in range(args.update_epochs):
+        for _epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
             for start in range(0, args.batch_size, args.minibatch_size):
                 end = start + args.minibatch_size

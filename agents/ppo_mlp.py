@@ -65,11 +65,11 @@ class Args:
     max_reward_evaluations: int | None = None
     """stop after this many reward evaluations (finished episodes); the leaderboard's budget.
     Never exceeded: a step that would finish more episodes than remain is not taken"""
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     """the learning rate of the optimizer"""
     num_envs: int = 4
     """the number of parallel game environments"""
-    num_steps: int = 88
+    num_steps: int = 42
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
     """Toggle learning rate annealing for policy and value networks"""

@@ -230,18 +230,18 @@ class AutoSculptEnv(gym.Env):
         cost = p.cost
         self.dense_flops = float(cost.dense_flops)
         self.dense_params = float(cost.dense_params)
-        # AMC's action wall: the sum of per-layer table FLOPs (dead-channel savings left
-        # out) is an upper bound on the exact FLOPs, so bounding it meets the target.
-        self._table = np.where(p.valid, cost.flops, np.inf)
-        self._min_flops = self._table.min(axis=1)
-        self._suffix_min = np.concatenate([np.cumsum(self._min_flops[::-1])[::-1], [0.0]])
+        # AMC's action wall, exact: an action is valid when some completion of the policy
+        # still meets the target (dead-channel savings included), so every policy with
+        # FLOPs within the budget can be played, and every played policy meets it.
         self._budget = (1.0 - self.target) * self.dense_flops * (1 + 1e-12)
-        if self.reward_name == "budget" and cost.fixed_flops + self._suffix_min[0] > self._budget:
-            best = 1.0 - (cost.fixed_flops + self._suffix_min[0]) / self.dense_flops
-            raise ValueError(
-                f"target_flops_reduction={self.target} cannot be reached on {p.model_name} with "
-                f"catalog {p.catalog.name!r}: at most {best:.3f} of the FLOPs can be removed"
-            )
+        if self.reward_name == "budget":
+            least = cost.min_flops_from([])
+            if least > self._budget:
+                raise ValueError(
+                    f"target_flops_reduction={self.target} cannot be reached on {p.model_name} "
+                    f"with catalog {p.catalog.name!r}: at most {1.0 - least / self.dense_flops:.3f} "
+                    "of the FLOPs can be removed"
+                )
         self._sparsity = np.asarray([a.sparsity for a in p.catalog.actions], dtype=np.float32)
         self.num_reward_evaluations = 0
         self._t: int | None = None
@@ -263,11 +263,7 @@ class AutoSculptEnv(gym.Env):
     def _mask_at(self, t: int) -> np.ndarray:
         valid = self.problem.valid[t].copy()
         if self.reward_name == "budget":
-            decided = sum(self._table[i, a] for i, a in enumerate(self._policy))
-            total = (
-                self.problem.cost.fixed_flops + decided + self._table[t] + self._suffix_min[t + 1]
-            )
-            valid &= total <= self._budget
+            valid &= self.problem.cost.min_flops_next(self._policy) <= self._budget
         return valid
 
     def _current_flops(self) -> float:

@@ -5,6 +5,10 @@ Subcommands (each has ``--help``)::
     autosculpt info                       env ids, zoo models, catalogs, rewards
     autosculpt zoo list                   zoo entries with their manifests
     autosculpt zoo train --model M --dataset D [--out DIR] [--epochs N]
+    autosculpt evaluate RECORD            replay an episode record and print its metrics
+    autosculpt finetune RECORD --out DIR  fine-tune a record's policy, masks held; save it
+    autosculpt validate ROWS...           replay leaderboard rows (exit code 1 on a mismatch)
+    autosculpt leaderboard [...]          run / resume / render the leaderboard
 """
 
 from __future__ import annotations
@@ -60,6 +64,310 @@ def _cmd_zoo_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- info
+REWARD_FORMULAS = {
+    "budget": "acc; actions that would miss the FLOPs target are masked (AMC's action wall); [0, 1]",
+    "band": "acc if |reduction - target| <= band_tolerance else acc - 1 (the paper's); [-1, 1]",
+    "log_flops": "-(1 - acc) * log(FLOPs) (AMC); (-inf, 0]",
+    "tradeoff": "acc + tradeoff_lambda * reduction; [0, 1 + lambda]",
+}
+
+
+def info_dict() -> dict:
+    """What ``autosculpt info`` prints: env ids with kwargs, zoo, catalogs, rewards."""
+    import inspect
+
+    from . import REGISTERED_CONFIGS, zoo
+    from .envs.autosculpt import AutoSculptEnv
+    from .patterns import CATALOGS, get_catalog
+    from .rewards import REWARDS
+
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(AutoSculptEnv.__init__).parameters.items()
+        if k not in ("self", "render_mode")
+    }
+    envs = {env_id: {**defaults, **kw} for env_id, kw in REGISTERED_CONFIGS.items()}
+    models = [
+        {
+            "model": r["model"],
+            "dataset": r["dataset"],
+            "config": r["config"],
+            "test_accuracy": r["manifest"]["test_accuracy"] if r["manifest"] else None,
+            "weights": r["path"],
+        }
+        for r in zoo.available()
+    ]
+    catalogs = {}
+    for name in CATALOGS:
+        cat = get_catalog(name)
+        catalogs[name] = {"description": cat.description, "actions": cat.action_names}
+    rewards = {name: REWARD_FORMULAS.get(name, "") for name in REWARDS}
+    return {"envs": envs, "zoo": models, "catalogs": catalogs, "rewards": rewards}
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    d = info_dict()
+    if args.json:
+        print(json.dumps(d, indent=2, default=str))
+        return 0
+    print("Environment ids (gym.make(ID, **overrides)):")
+    for env_id, kw in d["envs"].items():
+        print(f"  {env_id}")
+        print("    " + ", ".join(f"{k}={v!r}" for k, v in kw.items()))
+    print("\nZoo models:")
+    for m in d["zoo"]:
+        acc = (
+            f"{100 * m['test_accuracy']:.2f}%" if m["test_accuracy"] is not None else "not trained"
+        )
+        print(f"  {m['model']:<12} {m['dataset']:<14} {acc:>12}  {m['config']}")
+    print("\nPattern catalogs (action index = position):")
+    for name, c in d["catalogs"].items():
+        print(f"  {name}: {c['description']}")
+        print(f"    actions: {' '.join(c['actions'])}")
+    print("\nRewards (reward=...):")
+    for name, formula in d["rewards"].items():
+        print(f"  {name:<10} {formula}")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+def _load_record(path: str):
+    """An EpisodeRecord from a record file, a leaderboard row, or a fine-tuned folder."""
+    from pathlib import Path
+
+    from .records import EpisodeRecord
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "record.json"
+    d = json.loads(p.read_text())
+    if "record" in d and "row_id" in d:  # a leaderboard row
+        d = d["record"]
+    return EpisodeRecord.from_json(json.dumps(d))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .records import replay
+
+    torch.set_num_threads(args.threads)
+    record = _load_record(args.record)
+    try:
+        info = replay(record, accuracy_tolerance=args.tolerance)
+        ok, why = True, ""
+    except ValueError as e:
+        ok, why = False, str(e)
+        from .records import make_env
+
+        env = make_env(record)
+        info = env.unwrapped.evaluate_policy(record.actions)
+        env.close()
+    keys = (
+        "accuracy",
+        "dense_accuracy",
+        "flops_reduction",
+        "params_reduction",
+        "pruning_rate",
+        "flops",
+        "params",
+        "reward",
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ok": ok,
+                    "error": why,
+                    "recorded": record.metrics,
+                    "replayed": {k: info.get(k) for k in keys},
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(f"{record.env_id} {record.env_kwargs}")
+        print(f"policy: {' '.join(record.actions)}")
+        print(f"{'metric':<18} {'recorded':>14} {'replayed':>14}")
+        for k in keys:
+            rec, rep = (
+                "-" if v is None else f"{v:.6g}" for v in (record.metrics.get(k), info.get(k))
+            )
+            print(f"{k:<18} {rec:>14} {rep:>14}")
+        print("replay: OK" if ok else f"replay: MISMATCH ({why})")
+    return 0 if ok else 1
+
+
+# --------------------------------------------------------------------------- finetune
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from . import finetune as ft
+    from .records import make_env
+    from .training import accuracy
+
+    torch.set_num_threads(args.threads)
+    record = _load_record(args.record)
+    recipe = ft.default_recipe(record.env_kwargs.get("dataset", "fashion-mnist"))
+    changes = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
+    recipe = replace(recipe, **changes)
+    env = make_env(record)
+    try:
+        base = env.unwrapped
+        actions = base.problem.actions_from_names(record.actions)
+        # a held-out check on the reward split (never the test split): the env's own
+        # measurement of the pruned network, then the fine-tuned one on the same images
+        before = float(base.evaluator(actions))
+        model, masks = ft.finetune(
+            env,
+            actions,
+            recipe,
+            seed=args.seed,
+            progress=not args.no_progress,
+            train_samples=args.samples,
+        )
+        after = accuracy(model, _reward_split(base))
+    finally:
+        env.close()
+    record.extra = {
+        **record.extra,
+        "finetune": {
+            "recipe": recipe.to_dict(),
+            "train_samples": args.samples,
+            "seed": args.seed,
+            "reward_accuracy": after,
+        },
+    }
+    out = ft.save(args.out, model, masks, record)
+    print(
+        f"reward-split accuracy: {100 * before:.2f}% before fine-tuning, {100 * after:.2f}% after"
+    )
+    print(f"wrote {out}/{ft.WEIGHTS_FILE}, {ft.MASKS_FILE}, {ft.RECORD_FILE}")
+    return 0
+
+
+def _reward_split(base):
+    from . import data
+
+    kw = base._init_kwargs
+    ds = data.load(kw["dataset"], "reward", kw.get("data_dir"))
+    n = min(kw["reward_samples"], len(ds))
+    return data.ImageDataset(ds.images[:n], ds.labels[:n], ds.info, "reward")
+
+
+# --------------------------------------------------------------------------- validate
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from . import leaderboard as lb
+
+    torch.set_num_threads(args.threads)
+    try:
+        rows = lb.load_rows(args.rows)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"autosculpt validate: {e}", file=sys.stderr)
+        return 1
+    if not rows:
+        print("autosculpt validate: no rows found", file=sys.stderr)
+        return 1
+    results = lb.validate(rows, accuracy_tolerance=args.tolerance)
+    for r in results:
+        print(
+            f"{'OK  ' if r['ok'] else 'FAIL'} {r['row_id']}"
+            + ("" if r["ok"] else ": " + "; ".join(r["errors"]))
+        )
+    bad = sum(not r["ok"] for r in results)
+    print(f"{len(results) - bad}/{len(results)} rows validate")
+    return 1 if bad else 0
+
+
+# ------------------------------------------------------------------------ leaderboard
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from . import leaderboard as lb
+
+    return lb.command(
+        tasks=args.tasks,
+        agents=args.agents,
+        seeds=args.seeds,
+        budget=args.budget,
+        dataset=args.dataset,
+        evaluation=args.evaluation,
+        finetune_epochs=args.finetune_epochs,
+        finetune_samples=args.finetune_samples,
+        threads=args.threads,
+        jobs=args.jobs,
+        rows_dir=args.rows_dir,
+        work_dir=args.work_dir,
+        output=args.output,
+        plots_dir=args.plots_dir,
+        only_render=args.only_render,
+        check=args.validate,
+        progress=not args.no_progress,
+        agent_timeout_s=args.agent_timeout,
+    )
+
+
+def _add_leaderboard_parser(sub) -> None:
+    from . import leaderboard as lb
+
+    p = sub.add_parser(
+        "leaderboard",
+        help="run, resume and render the leaderboard (same as benchmarks/leaderboard.py)",
+        description="Run every missing (task, agent, seed) row, then write the markdown table "
+        "and plots from the rows. Re-running the same command resumes.",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        help="ENV_ID@TARGET ... (default: the five leaderboard tasks)",
+    )
+    p.add_argument(
+        "--agents",
+        nargs="+",
+        default=None,
+        help=f"agent names or scripts (default: {' '.join(lb.AGENTS)})",
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="agent seeds")
+    p.add_argument(
+        "--budget", type=int, default=lb.DEFAULT_BUDGET, help="reward evaluations per search"
+    )
+    p.add_argument(
+        "--dataset", default=None, help="override every task's dataset (digits: fast twin)"
+    )
+    p.add_argument(
+        "--evaluation",
+        default="accuracy",
+        choices=["accuracy", "proxy"],
+        help="the env's evaluation mode",
+    )
+    p.add_argument(
+        "--finetune-epochs", type=int, default=None, help="override the fine-tuning epochs"
+    )
+    p.add_argument(
+        "--finetune-samples", type=int, default=None, help="fine-tune on this many train images"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument(
+        "--agent-timeout",
+        type=float,
+        default=None,
+        help="kill an agent run after this many seconds",
+    )
+    p.add_argument("--rows-dir", default=lb.DEFAULT_ROWS_DIR, help="folder of the row files")
+    p.add_argument(
+        "--work-dir",
+        default=lb.DEFAULT_WORK_DIR,
+        help="agents' run folders and fine-tuned networks",
+    )
+    p.add_argument("--output", default=lb.DEFAULT_OUTPUT, help="markdown table to write")
+    p.add_argument("--plots-dir", default=lb.DEFAULT_PLOTS_DIR, help="folder of the plots")
+    p.add_argument(
+        "--only-render", action="store_true", help="run nothing; render the existing rows"
+    )
+    p.add_argument("--validate", action="store_true", help="replay every row before rendering")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_leaderboard)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autosculpt", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +388,57 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=None, help="override the entry's seed")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     tr.set_defaults(func=_cmd_zoo_train)
+
+    info = sub.add_parser(
+        "info", help="env ids with their kwargs, zoo models, catalogs with action names, rewards"
+    )
+    info.add_argument("--json", action="store_true", help="print as JSON")
+    info.set_defaults(func=_cmd_info)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="replay an episode record and print its metrics (exit code 1 on a mismatch)",
+        description="Rebuild the record's env, play its actions and compare FLOPs (exactly) and "
+        "reward-split accuracy (within --tolerance) with the recorded metrics.",
+    )
+    ev.add_argument("record", help="record JSON (best.json), leaderboard row, or fine-tuned folder")
+    ev.add_argument("--tolerance", type=float, default=1e-3, help="accuracy tolerance (fraction)")
+    ev.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ev.add_argument("--json", action="store_true", help="print as JSON")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a record's pruned network with its masks held exactly, and save it",
+        description="Start from the network the env scored (masks applied, removed channels "
+        "zeroed, batch norms recalibrated), train it on the train split with masked "
+        "gradients and masks re-applied after every step, and write model.safetensors, "
+        "masks.safetensors and record.json into --out.",
+    )
+    ft.add_argument("record", help="record JSON (best.json) or leaderboard row")
+    ft.add_argument("--out", required=True, help="output folder")
+    ft.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    ft.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
+    ft.add_argument(
+        "--samples", type=int, default=None, help="train on a subset of this many images"
+    )
+    ft.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
+    ft.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ft.set_defaults(func=_cmd_finetune)
+
+    va = sub.add_parser(
+        "validate",
+        help="replay leaderboard rows; exit code 1 on any mismatch",
+        description="Check each row against its episode record and replay the record: FLOPs "
+        "exactly, reward-split accuracy within --tolerance.",
+    )
+    va.add_argument("rows", nargs="+", help="rows folders and/or row files")
+    va.add_argument("--tolerance", type=float, default=1e-3, help="accuracy tolerance (fraction)")
+    va.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    va.set_defaults(func=_cmd_validate)
+
+    _add_leaderboard_parser(sub)
     return parser
 
 

@@ -97,6 +97,7 @@ class CostTable:
                 value = value + np.min(self._free[m][None, :] - self._d[(i, m)], axis=1)
             self._free[i] = value
         # _root_suffix[k] = sum of the cheapest subtree costs of the roots at index >= k.
+        self._valid = ~np.isnan(self.flops)
         root_min = np.zeros(n_layers + 1)
         for r in self._roots:
             root_min[r] = float(np.min(self._free[r]))
@@ -110,7 +111,12 @@ class CostTable:
                 f"expected {'one action per layer' if full else 'at most one action per layer'} "
                 f"({n_layers} layers), got {len(acts)}"
             )
-        for i, a in enumerate(acts):
+        arr = np.asarray(acts, dtype=np.int64)
+        if arr.size == 0 or (
+            arr.min() >= 0 and arr.max() < n_actions and self._valid[np.arange(arr.size), arr].all()
+        ):
+            return acts
+        for i, a in enumerate(acts):  # slow path only to name the offending layer
             if not 0 <= a < n_actions or np.isnan(self.flops[i, a]):
                 valid = [self.action_names[j] for j in np.flatnonzero(~np.isnan(self.flops[i]))]
                 raise ValueError(
@@ -146,7 +152,9 @@ class CostTable:
         Returns:
             The minimum FLOPs; equals :meth:`policy_flops` for a full policy.
         """
-        acts = self._check(decided, full=False)
+        return self._min_flops_from(self._check(decided, full=False))
+
+    def _min_flops_from(self, acts: list[int]) -> float:
         k = len(acts)
         total = self.fixed_flops + float(self._root_suffix[k])
         subtree: dict[int, float] = {}
@@ -170,9 +178,33 @@ class CostTable:
         out = np.full(self.flops.shape[1], np.inf)
         if k >= len(self.layers):
             raise ValueError("every layer is decided already")
-        for a in np.flatnonzero(~np.isnan(self.flops[k])):
-            out[a] = self.min_flops_from([*decided, int(a)])
+        acts = self._check(decided, full=False)
+        cand = np.flatnonzero(self._valid[k])
+        out[cand] = self._min_flops_next(acts, cand)
         return out
+
+    def _min_flops_next(self, acts: list[int], cand: np.ndarray) -> np.ndarray:
+        """The dynamic program of :meth:`_min_flops_from` run once for every candidate action
+        of layer ``len(acts)`` at the same time (only that layer's action varies, so values
+        on its path to the root are vectors over ``cand``, all others scalars)."""
+        last = len(acts)
+        k = last + 1
+        total = self.fixed_flops + float(self._root_suffix[k])
+        subtree: dict[int, np.ndarray | float] = {}
+        roots = set(self._roots)
+        for i in reversed(range(k)):
+            a = cand if i == last else acts[i]
+            value = self._f[i, a]
+            for m in self._children[i]:
+                if m < k:
+                    am = cand if m == last else acts[m]
+                    value = value + subtree[m] - self._d[(i, m)][a, am]
+                else:
+                    value = value + np.min(self._free[m] - self._d[(i, m)][a], axis=-1)
+            subtree[i] = value
+            if i in roots:
+                total = total + value
+        return np.broadcast_to(np.asarray(total, dtype=np.float64), cand.shape)
 
 
 def _uses_per_weight(graph: NetGraph, layer: str) -> int:

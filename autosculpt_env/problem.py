@@ -174,6 +174,7 @@ class PruningProblem:
         self.valid = np.stack([layer.valid for layer in self.layers])  # (L, P)
         self._scores = self._ranking_scores()
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._kept: dict[tuple[int, int], int] = {}  # kept weights per (layer, action)
         self.cost: CostTable = build_cost_table(self.graph, self.catalog, self.mask)
         self.dense_action = self.catalog.dense_action()
         self.total_prunable_weights = sum(layer.weight.numel() for layer in self.layers)
@@ -292,7 +293,12 @@ class PruningProblem:
 
     def pruning_rate(self, policy: Sequence[int]) -> float:
         """Fraction of the prunable layers' weights that the policy masks."""
-        kept = sum(int(self.mask(i, int(a)).sum()) for i, a in enumerate(policy))
+        kept = 0
+        for i, a in enumerate(policy):
+            key = (i, int(a))
+            if key not in self._kept:
+                self._kept[key] = int(self.mask(i, int(a)).sum())
+            kept += self._kept[key]
         return 1.0 - kept / self.total_prunable_weights
 
     def kept_energy(self, layer: int, action: int) -> float:

@@ -291,3 +291,40 @@ def test_masked_flops_equal_a_forward_pass_count(model, catalog):
         dead_seen |= problem.table.fixed_flops + own > flops
     if catalog == "structured" or model in ("mixed", "vgg11"):
         assert dead_seen  # the test exercises the dead-channel correction
+
+
+def test_min_flops_next_matches_min_flops_from_for_every_action():
+    """The vectorised wall query agrees with the scalar dynamic program at every prefix."""
+    from autosculpt_env.cost import build_cost_table
+    from autosculpt_env.graph import build_graph
+    from autosculpt_env.patterns import get_catalog
+
+    rng = np.random.default_rng(0)
+    for arch in ("resnet20", "mobilenetv2", "vit"):
+        net = zoo.entry(arch, "digits").build().eval()
+        graph = build_graph(net, torch.zeros(1, 1, 8, 8))
+        for cat_name in ("autosculpt", "structured"):
+            catalog = get_catalog(cat_name)
+            modules = dict(net.named_modules())
+            masks = {}
+
+            def mask(l, a, graph=graph, catalog=catalog, modules=modules, masks=masks):
+                name = graph.layers[l]
+                kind = graph.layer_kind(name)
+                heads = graph.heads(name)
+                kw = {} if heads is None else {"num_heads": heads[0], "head_axis": heads[1]}
+                w = modules[name].weight.detach()
+                if not catalog.valid_for(tuple(w.shape), kind, **kw)[a]:
+                    return None
+                if (l, a) not in masks:
+                    masks[(l, a)] = catalog.mask(a, w, kind, **kw)
+                return masks[(l, a)]
+
+            table = build_cost_table(graph, catalog, mask)
+            prefix: list[int] = []
+            for k in range(len(graph.layers)):
+                got = table.min_flops_next(prefix)
+                for a in range(len(catalog)):
+                    want = table.min_flops_from([*prefix, a]) if table._valid[k, a] else np.inf
+                    assert got[a] == pytest.approx(want, rel=1e-12, abs=1e-6)
+                prefix.append(int(rng.choice(np.flatnonzero(table._valid[k]))))

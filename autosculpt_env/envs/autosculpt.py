@@ -242,6 +242,7 @@ class AutoSculptEnv(gym.Env):
                     f"with catalog {p.catalog.name!r}: at most {1.0 - least / self.dense_flops:.3f} "
                     "of the FLOPs can be removed"
                 )
+        self._action_names = tuple(p.catalog.action_names)
         self._sparsity = np.asarray([a.sparsity for a in p.catalog.actions], dtype=np.float32)
         self.num_reward_evaluations = 0
         self._t: int | None = None
@@ -252,7 +253,7 @@ class AutoSculptEnv(gym.Env):
     @property
     def action_names(self) -> list[str]:
         """Names of the catalog's actions (index = action)."""
-        return list(self.problem.catalog.action_names)
+        return list(self._action_names)
 
     @property
     def layer_names(self) -> list[str]:
@@ -404,7 +405,7 @@ class AutoSculptEnv(gym.Env):
             "flops": float(flops),
             "params": float(params),
             "reward": float(reward),
-            "policy": [self.action_names[a] for a in policy],
+            "policy": [self._action_names[a] for a in policy],
         }
 
     def evaluate_policy(self, policy: Sequence[int] | Sequence[str]) -> dict:

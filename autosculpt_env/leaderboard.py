@@ -1,0 +1,1016 @@
+"""The leaderboard protocol: fixed tasks, a fixed search budget, seeds, fixed fine-tuning.
+
+The harness owns everything but the search (CompilerGym's rule: a method only supplies a
+policy). For every (task, agent, seed) it
+
+1. runs the agent as a program (``agents/NAME.py``, or any script with the same command
+   line) with the budget in reward evaluations; the agent writes its best episode as a
+   replayable record (``best.json``) and logs ``charts/best_reward`` against
+   ``charts/reward_evaluations`` to TensorBoard;
+2. fine-tunes the best policy with the protocol's fixed recipe, masks held exactly
+   (:mod:`autosculpt_env.finetune`);
+3. scores top-1 accuracy on the ``test`` split: after fine-tuning (the score), before it,
+   and of the dense network. This is the only place the test split is read; the search
+   saw the ``reward`` split only;
+4. returns a *row*: task, agent, seed, budget, the policy (action names), FLOPs and
+   parameter reductions, pruning rate, reward-split accuracy, test accuracies, timings,
+   package version and git commit, the search's progress curve, and the full episode
+   record, so the row can be replayed (:func:`validate`).
+
+Rows are stored one JSON file per (task, agent, seed), written atomically (temporary file
++ ``os.replace``) under a rows folder: a killed run loses no finished row and never writes
+one twice, and a resumed run skips the rows that exist. The table (:func:`render`) and
+plots (:func:`plot`) are generated from the rows alone.
+
+Every row of a rows folder must come from the same protocol (its :meth:`Protocol.key`:
+budget, evaluation mode, reward samples, dataset override, fine-tuning recipe and subset);
+seeds may be added later.
+
+Run it with ``python benchmarks/leaderboard.py`` or ``autosculpt leaderboard``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from . import __version__, data
+from .records import EpisodeRecord, make_env, replay
+from .training import Recipe
+
+ROW_SCHEMA = 1
+REPO_ROOT = Path(__file__).resolve().parents[1]
+AGENTS_DIR = Path(os.environ.get("AUTOSCULPT_AGENTS_DIR", REPO_ROOT / "agents"))
+
+AGENTS: tuple[str, ...] = ("ppo_gnn", "ppo_mlp", "ddpg_amc", "random_search", "uniform", "greedy")
+"""The reference agents (``agents/NAME.py``)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """A leaderboard task: a registered env id and the FLOPs reduction it must reach."""
+
+    env_id: str
+    target_flops_reduction: float = 0.5
+
+    @property
+    def name(self) -> str:
+        return f"{self.env_id}@{self.target_flops_reduction:g}"
+
+    @classmethod
+    def parse(cls, text: str) -> Task:
+        """``"AutoSculpt-ResNet@0.7"`` (or ``"AutoSculpt-ResNet"`` for target 0.5)."""
+        env_id, _, target = text.partition("@")
+        if not env_id:
+            raise ValueError(f"task {text!r}: expected ENV_ID or ENV_ID@TARGET")
+        try:
+            value = float(target) if target else 0.5
+        except ValueError:
+            raise ValueError(f"task {text!r}: the target after '@' must be a number") from None
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"task {text!r}: the target must be in (0, 1)")
+        return cls(env_id, value)
+
+
+TASKS: tuple[Task, ...] = (
+    Task("AutoSculpt-ResNet", 0.5),
+    Task("AutoSculpt-VGG", 0.5),
+    Task("AutoSculpt-MobileNet", 0.5),
+    Task("AutoSculpt-ViT", 0.5),
+    Task("AutoSculpt-ResNet", 0.7),
+)
+"""The fixed tasks: the four registered configurations at half the FLOPs, and ResNet-20 at
+70 % of the FLOPs removed."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything that decides a leaderboard row besides the agent.
+
+    Attributes:
+        budget: reward evaluations each search may spend (``--max-reward-evaluations``).
+        seeds: agent seeds (each seed also seeds its fine-tuning).
+        reward_samples: reward-split images per evaluation. The agents do not take it on
+            their command line, so it must equal the env's value (2048 by default); rows
+            whose record says otherwise are refused.
+        evaluation: ``"accuracy"`` or ``"proxy"`` (passed to the agents).
+        dataset: override every task's dataset (``"digits"`` for a fast twin of the table).
+        finetune_recipe: the fine-tuning recipe; ``None`` takes
+            :func:`autosculpt_env.finetune.default_recipe` of the dataset.
+        finetune_samples: fine-tune on a fixed subset of this many ``train`` images
+            (``None``: the whole split).
+        threads: torch CPU threads of each agent and fine-tuning.
+        agent_timeout_s: kill an agent that runs longer (``None``: no limit).
+        agent_args: extra command-line arguments per agent name (part of the protocol).
+    """
+
+    budget: int = 100
+    seeds: tuple[int, ...] = (1, 2, 3)
+    reward_samples: int = 2048
+    evaluation: str = "accuracy"
+    dataset: str | None = None
+    finetune_recipe: Recipe | None = None
+    finetune_samples: int | None = None
+    threads: int = 1
+    agent_timeout_s: float | None = None
+    agent_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.budget < 1:
+            raise ValueError(f"budget must be >= 1 reward evaluation, got {self.budget}")
+        if self.evaluation not in ("accuracy", "proxy"):
+            raise ValueError(f"evaluation must be 'accuracy' or 'proxy', got {self.evaluation!r}")
+        if self.dataset is not None:
+            data.info(self.dataset)
+
+    def recipe_for(self, dataset: str) -> Recipe:
+        from .finetune import default_recipe
+
+        return self.finetune_recipe if self.finetune_recipe is not None else default_recipe(dataset)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["seeds"] = list(self.seeds)
+        d["agent_args"] = {k: list(v) for k, v in self.agent_args.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Protocol:
+        d = dict(d)
+        if d.get("finetune_recipe") is not None:
+            d["finetune_recipe"] = Recipe(**d["finetune_recipe"])
+        d["seeds"] = tuple(d.get("seeds", ()))
+        d["agent_args"] = {k: tuple(v) for k, v in (d.get("agent_args") or {}).items()}
+        return cls(**d)
+
+    def key(self) -> str:
+        """Fingerprint of what makes rows comparable (seeds, threads and timeouts excluded)."""
+        from .finetune import FINETUNE_RECIPES
+
+        d = self.to_dict()
+        for k in ("seeds", "threads", "agent_timeout_s"):
+            d.pop(k)
+        if d["finetune_recipe"] is None:  # the defaults are part of the protocol too
+            d["finetune_recipe"] = {k: r.to_dict() for k, r in sorted(FINETUNE_RECIPES.items())}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class AgentError(RuntimeError):
+    """An agent run failed or produced no usable best episode."""
+
+
+# ------------------------------------------------------------------------------ helpers
+def task_dataset(task: Task, protocol: Protocol) -> str:
+    """The dataset a task runs on under a protocol."""
+    if protocol.dataset is not None:
+        return protocol.dataset
+    import gymnasium as gym
+
+    import autosculpt_env  # noqa: F401  (registers the ids)
+
+    return gym.spec(task.env_id).kwargs.get("dataset", "fashion-mnist")
+
+
+def row_id(task: Task, agent: str, seed: int) -> str:
+    return f"{task.name}__{Path(agent).stem}__seed{seed}"
+
+
+def agent_script(agent: str) -> Path:
+    """``agents/NAME.py`` for a reference agent name, or the path of a user's script."""
+    path = Path(agent)
+    if path.suffix == ".py":
+        if not path.exists():
+            raise FileNotFoundError(f"agent script {path} does not exist")
+        return path.resolve()
+    script = AGENTS_DIR / f"{agent}.py"
+    if not script.exists():
+        known = sorted(p.stem for p in AGENTS_DIR.glob("*.py")) if AGENTS_DIR.exists() else []
+        raise FileNotFoundError(
+            f"no agent {agent!r} in {AGENTS_DIR} (known: {', '.join(known) or 'none'}); pass a "
+            "name there or the path of a .py script with the agents' command line "
+            "(set AUTOSCULPT_AGENTS_DIR for another folder)"
+        )
+    return script
+
+
+def git_commit(root: Path = REPO_ROOT) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the checkout the package runs from (``(None, None)`` outside git)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None, None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return commit.stdout.strip(), bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def read_progress(run_dir: str | os.PathLike) -> list[list[float]]:
+    """The search's best reward against reward evaluations: ``[[evaluations, best], ...]``.
+
+    Read from ``progress.csv`` (columns ``reward_evaluations,best_reward``) when the agent
+    writes one, else from its TensorBoard events ``charts/best_reward`` and
+    ``charts/reward_evaluations`` (logged together, once per evaluation). Only the points
+    where the best reward changes, and the last point, are kept.
+    """
+    run_dir = Path(run_dir)
+    pairs: list[tuple[float, float]] = []
+    csv = run_dir / "progress.csv"
+    if csv.exists():
+        lines = csv.read_text().strip().splitlines()
+        header = [h.strip() for h in lines[0].split(",")]
+        i, j = header.index("reward_evaluations"), header.index("best_reward")
+        for line in lines[1:]:
+            cols = line.split(",")
+            pairs.append((float(cols[i]), float(cols[j])))
+    else:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = set(acc.Tags().get("scalars", []))
+        if not {"charts/best_reward", "charts/reward_evaluations"} <= tags:
+            return []
+        best = acc.Scalars("charts/best_reward")
+        evals = acc.Scalars("charts/reward_evaluations")
+        if len(best) == len(evals):  # written together: pair them in order
+            pairs = [(e.value, b.value) for e, b in zip(evals, best)]
+        else:  # pair by step (the last evaluation count logged at that step)
+            at = {e.step: e.value for e in evals}
+            pairs = [(at[b.step], b.value) for b in best if b.step in at]
+    out: list[list[float]] = []
+    pairs = [(float(n), round(float(b), 6)) for n, b in pairs if math.isfinite(b)]
+    for n, b in pairs:
+        if not out or b != out[-1][1]:
+            out.append([n, b])
+    if pairs and out[-1][0] != pairs[-1][0]:
+        out.append(list(pairs[-1]))
+    return out
+
+
+_DENSE_TEST: dict[str, float] = {}
+
+
+def _dense_test_accuracy(env, test) -> float:
+    base = env.unwrapped
+    key = json.dumps([base.spec.id if base.spec else None, base._init_kwargs], sort_keys=True)
+    if key not in _DENSE_TEST:
+        from .training import accuracy
+
+        _DENSE_TEST[key] = accuracy(base.problem.model, test)
+    return _DENSE_TEST[key]
+
+
+# ------------------------------------------------------------------------------ one row
+def agent_command(
+    task: Task, agent: str, seed: int, protocol: Protocol, runs_dir: Path, name: str
+) -> list[str]:
+    """The command line of one search (what the row's ``command`` field records)."""
+    cmd = [sys.executable, str(agent_script(agent)), "--env-id", task.env_id]
+    if protocol.dataset is not None:
+        cmd += ["--dataset", protocol.dataset]
+    if protocol.evaluation != "accuracy":
+        cmd += ["--evaluation", protocol.evaluation]
+    cmd += ["--target-flops-reduction", f"{task.target_flops_reduction:g}"]
+    cmd += ["--seed", str(seed), "--max-reward-evaluations", str(protocol.budget)]
+    cmd += ["--threads", str(protocol.threads)]
+    cmd += ["--output-dir", str(runs_dir), "--run-name", name, "--no-progress"]
+    cmd += list(protocol.agent_args.get(Path(agent).stem, ()))
+    return cmd
+
+
+def run_one(
+    task: Task,
+    agent: str,
+    seed: int,
+    protocol: Protocol,
+    workdir: str | os.PathLike,
+    progress: bool = False,
+) -> dict:
+    """Search, fine-tune and score one (task, agent, seed); return its row.
+
+    The agent's run folder (log, TensorBoard events, ``best.json``) is
+    ``workdir/search/<row id>`` and the fine-tuned network ``workdir/models/<row id>``
+    (:func:`autosculpt_env.finetune.save`).
+
+    Raises:
+        AgentError: the agent failed, overspent the budget, or wrote no usable record.
+    """
+    import torch
+
+    from .finetune import finetune, save
+    from .training import accuracy
+
+    workdir = Path(workdir)
+    rid = row_id(task, agent, seed)
+    dataset = task_dataset(task, protocol)
+    runs_dir = workdir / "search"
+    run_dir = runs_dir / rid
+    if run_dir.exists():  # left by a killed run: start clean, never read a stale best.json
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    cmd = agent_command(task, agent, seed, protocol, runs_dir, rid)
+    env_vars = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(protocol.threads),
+        "MKL_NUM_THREADS": str(protocol.threads),
+        "WANDB_MODE": "disabled",
+    }
+    log = run_dir / "agent.log"
+    t0 = time.perf_counter()
+    try:
+        with open(log, "w") as f:
+            proc = subprocess.run(
+                cmd,
+                cwd=agent_script(agent).parent.parent,
+                env=env_vars,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                timeout=protocol.agent_timeout_s,
+            )
+    except subprocess.TimeoutExpired:
+        raise AgentError(
+            f"{agent} on {task.name} seed {seed} ran past {protocol.agent_timeout_s}s; log: {log}"
+        ) from None
+    search_seconds = time.perf_counter() - t0
+    out = log.read_text(errors="replace")
+    if proc.returncode != 0:
+        tail = "\n".join(out.strip().splitlines()[-15:])
+        raise AgentError(
+            f"{agent} on {task.name} seed {seed} exited with {proc.returncode}; log {log}:\n{tail}"
+        )
+    best = run_dir / "best.json"
+    if not best.exists():
+        raise AgentError(f"{agent} on {task.name} seed {seed} wrote no {best}")
+    record = EpisodeRecord.load(best)
+    progress_curve = read_progress(run_dir)
+    used = re.findall(r"(\d+) reward evaluations", out)
+    used_evals = int(used[-1]) if used else (int(progress_curve[-1][0]) if progress_curve else None)
+
+    kw = record.env_kwargs
+    problems = []
+    if record.env_id != task.env_id:
+        problems.append(f"env id {record.env_id!r} != {task.env_id!r}")
+    if abs(float(kw.get("target_flops_reduction", -1)) - task.target_flops_reduction) > 1e-12:
+        problems.append(
+            f"target {kw.get('target_flops_reduction')} != {task.target_flops_reduction}"
+        )
+    if kw.get("dataset") != dataset:
+        problems.append(f"dataset {kw.get('dataset')!r} != {dataset!r}")
+    if kw.get("evaluation") != protocol.evaluation:
+        problems.append(f"evaluation {kw.get('evaluation')!r} != {protocol.evaluation!r}")
+    if kw.get("reward_samples") != protocol.reward_samples:
+        problems.append(
+            f"reward_samples {kw.get('reward_samples')} != the protocol's {protocol.reward_samples} "
+            "(the agents take the env's default)"
+        )
+    found_at = record.extra.get("reward_evaluations")
+    if used_evals is not None and used_evals > protocol.budget:
+        problems.append(f"spent {used_evals} reward evaluations, budget {protocol.budget}")
+    if found_at is None or found_at > protocol.budget:
+        problems.append(f"best episode found at evaluation {found_at}, budget {protocol.budget}")
+    if problems:
+        raise AgentError(f"{agent} on {task.name} seed {seed}: " + "; ".join(problems))
+
+    # ---- fine-tuning and final evaluation: the only place the test split is read
+    threads = torch.get_num_threads()
+    torch.set_num_threads(protocol.threads)
+    recipe = protocol.recipe_for(dataset)
+    env = make_env(record)
+    try:
+        base = env.unwrapped
+        actions = base.problem.actions_from_names(record.actions)
+        t1 = time.perf_counter()
+        model, masks = finetune(
+            env,
+            actions,
+            recipe,
+            seed=seed,
+            progress=progress,
+            train_samples=protocol.finetune_samples,
+        )
+        finetune_seconds = time.perf_counter() - t1
+        test = data.load(dataset, "test", kw.get("data_dir"))
+        test_acc = accuracy(model, test)
+        pruned_test_acc = accuracy(base.pruned_model(actions), test)
+        dense_test_acc = _dense_test_accuracy(env, test)
+        measured_reward_acc = float(base.evaluator(actions))
+    finally:
+        env.close()
+        torch.set_num_threads(threads)
+    record.extra = {
+        **record.extra,
+        "finetune": {
+            "recipe": recipe.to_dict(),
+            "train_samples": protocol.finetune_samples,
+            "seed": seed,
+            "test_accuracy": test_acc,
+        },
+    }
+    save(workdir / "models" / rid, model, masks, record)
+
+    commit, dirty = git_commit()
+    m = record.metrics
+    return {
+        "schema": ROW_SCHEMA,
+        "row_id": rid,
+        "task": task.name,
+        "env_id": task.env_id,
+        "target": task.target_flops_reduction,
+        "model": kw.get("model"),
+        "dataset": dataset,
+        "agent": Path(agent).stem,
+        "seed": seed,
+        "budget": protocol.budget,
+        "reward_evaluations": used_evals,
+        "found_at_evaluation": found_at,
+        "policy": list(record.actions),
+        "flops": m.get("flops"),
+        "flops_reduction": m["flops_reduction"],
+        "params_reduction": m["params_reduction"],
+        "pruning_rate": m["pruning_rate"],
+        "reward": m["reward"],
+        "reward_accuracy": m["accuracy"],
+        "reward_accuracy_measured": measured_reward_acc,
+        "dense_reward_accuracy": m["dense_accuracy"],
+        "test_accuracy": test_acc,
+        "test_accuracy_before_finetune": pruned_test_acc,
+        "dense_test_accuracy": dense_test_acc,
+        "search_seconds": round(search_seconds, 2),
+        "finetune_seconds": round(finetune_seconds, 2),
+        "finetune_recipe": recipe.to_dict(),
+        "finetune_samples": protocol.finetune_samples,
+        "version": __version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "torch": torch.__version__,
+        "command": cmd[1:],
+        "protocol": protocol.to_dict(),
+        "protocol_key": protocol.key(),
+        "progress": progress_curve,
+        "record": json.loads(record.to_json()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# ------------------------------------------------------------------------------- rows
+def write_row(rows_dir: str | os.PathLike, row: dict) -> Path:
+    """Write ``rows_dir/<row id>.json`` atomically (temporary file + ``os.replace``)."""
+    rows_dir = Path(rows_dir)
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    path = rows_dir / f"{row['row_id']}.json"
+    fd, tmp = tempfile.mkstemp(dir=rows_dir, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(row, indent=1, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_rows(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[dict]:
+    """Rows from row files and/or rows folders (``*.json``; temporary files are ignored).
+
+    Raises:
+        ValueError: a file is not a row, or two files hold the same row id.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.glob("*.json") if not f.name.startswith("."))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no row file or folder {p}")
+    rows, seen = [], {}
+    for f in files:
+        try:
+            row = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f} is not JSON: {e}") from e
+        if not isinstance(row, dict) or "row_id" not in row or "record" not in row:
+            raise ValueError(f"{f} is not a leaderboard row")
+        if row["row_id"] in seen:
+            raise ValueError(f"row {row['row_id']} is stored twice: {seen[row['row_id']]} and {f}")
+        seen[row["row_id"]] = f
+        row["_path"] = str(f)
+        rows.append(row)
+    return rows
+
+
+def _check_protocol(rows_dir: Path, protocol: Protocol) -> None:
+    if not rows_dir.exists():
+        return
+    for row in load_rows(rows_dir):
+        if row.get("protocol_key") != protocol.key():
+            raise ValueError(
+                f"{row['_path']} was produced under another protocol "
+                f"({row.get('protocol_key')}, this run is {protocol.key()}: budget, evaluation, "
+                "reward samples, dataset or fine-tuning differ); use another --rows-dir"
+            )
+
+
+def _run_and_write(args: tuple) -> tuple[str, str | None, float]:
+    task, agent, seed, protocol, workdir, rows_dir = args
+    t0 = time.perf_counter()
+    try:
+        row = run_one(task, agent, seed, protocol, workdir)
+    except (AgentError, FileNotFoundError, ValueError) as e:
+        return row_id(task, agent, seed), f"{type(e).__name__}: {e}", time.perf_counter() - t0
+    write_row(rows_dir, row)
+    return row["row_id"], None, time.perf_counter() - t0
+
+
+def run_all(
+    protocol: Protocol,
+    tasks: Sequence[Task] = TASKS,
+    agents: Sequence[str] = AGENTS,
+    rows_dir: str | os.PathLike = "benchmarks/rows",
+    workdir: str | os.PathLike = "benchmarks/runs",
+    jobs: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Run every missing (task, agent, seed) row; resumable.
+
+    Rows already in ``rows_dir`` are skipped. A failed run (e.g. a broken agent) writes no
+    row, is reported, and does not stop the others.
+
+    Returns:
+        ``{"done": [...], "skipped": [...], "failed": {row id: error}}``.
+    """
+    from tqdm.auto import tqdm
+
+    rows_dir, workdir = Path(rows_dir), Path(workdir)
+    _check_protocol(rows_dir, protocol)
+    for agent in agents:
+        agent_script(agent)
+    todo, skipped = [], []
+    for task in tasks:
+        for agent in agents:
+            for seed in protocol.seeds:
+                rid = row_id(task, agent, seed)
+                if (rows_dir / f"{rid}.json").exists():
+                    skipped.append(rid)
+                else:
+                    todo.append((task, agent, seed, protocol, workdir, rows_dir))
+    result = {"done": [], "skipped": skipped, "failed": {}}
+    bar = tqdm(total=len(todo), disable=not progress, unit="run", dynamic_ncols=True)
+    if skipped:
+        bar.write(f"resuming: {len(skipped)} rows exist in {rows_dir}, {len(todo)} to run")
+
+    def report(rid, err, seconds):
+        bar.update(1)
+        if err is None:
+            result["done"].append(rid)
+            bar.write(f"  {rid}: {seconds:.0f}s")
+        else:
+            result["failed"][rid] = err
+            bar.write(f"  {rid}: FAILED {err.splitlines()[0][:300]}")
+
+    if jobs <= 1:
+        for args in todo:
+            bar.set_postfix_str(row_id(*args[:3]))
+            report(*_run_and_write(args))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(_run_and_write, args) for args in todo]
+            for fut in as_completed(futures):
+                report(*fut.result())
+    bar.close()
+    return result
+
+
+# ---------------------------------------------------------------------------- validate
+def _forget_memo(record: EpisodeRecord) -> None:
+    """Clear the policy memo of the record's env, so a replay in a process that already
+    scored the policy (envs of one configuration share their evaluator) measures again."""
+    env = make_env(record)
+    try:
+        env.unwrapped.evaluator.cache.clear()
+    finally:
+        env.close()
+
+
+def validate(rows: Iterable[dict], accuracy_tolerance: float = 1e-3) -> list[dict]:
+    """Replay every row's record and check the row against it.
+
+    Checks: the row's summary fields equal its record's (policy, FLOPs and parameter
+    reductions, pruning rate, reward-split accuracy); the record is the row's task; the
+    FLOPs target is met; the budget was respected; the replay gives exactly the recorded
+    FLOPs and the reward-split accuracy within ``accuracy_tolerance`` (0.1 pt).
+
+    Returns:
+        One ``{"row_id", "ok", "errors"}`` per row.
+    """
+    results = []
+    for row in rows:
+        errors: list[str] = []
+        try:
+            record = EpisodeRecord.from_json(json.dumps(row["record"]))
+            m = record.metrics
+            if row.get("env_id") != record.env_id:
+                errors.append(f"env_id {row.get('env_id')!r} != record's {record.env_id!r}")
+            target = record.env_kwargs.get("target_flops_reduction")
+            if row.get("target") != target:
+                errors.append(f"target {row.get('target')} != record's {target}")
+            if list(row.get("policy", [])) != list(record.actions):
+                errors.append("policy differs from the record's actions")
+            for key, mkey in (
+                ("flops_reduction", "flops_reduction"),
+                ("params_reduction", "params_reduction"),
+                ("pruning_rate", "pruning_rate"),
+                ("reward_accuracy", "accuracy"),
+                ("reward", "reward"),
+            ):
+                if row.get(key) != m.get(mkey):
+                    errors.append(f"{key} {row.get(key)} != record's {m.get(mkey)}")
+            if record.env_kwargs.get("reward", "budget") == "budget" and (
+                m["flops_reduction"] < target - 1e-12
+            ):
+                errors.append(f"FLOPs reduction {m['flops_reduction']:.4f} misses target {target}")
+            budget = row.get("budget")
+            found = record.extra.get("reward_evaluations")
+            if budget is None or found is None or found > budget:
+                errors.append(f"best episode found at evaluation {found}, budget {budget}")
+            if (row.get("reward_evaluations") or 0) > (budget or 0):
+                errors.append(
+                    f"{row.get('reward_evaluations')} reward evaluations > budget {budget}"
+                )
+            if not errors:
+                _forget_memo(record)
+                replay(record, accuracy_tolerance=accuracy_tolerance)
+        except (ValueError, KeyError, TypeError) as e:
+            errors.append(f"{type(e).__name__}: {e}")
+        results.append({"row_id": row.get("row_id", "?"), "ok": not errors, "errors": errors})
+    return results
+
+
+# ---------------------------------------------------------------------- table and plots
+def _task_order(rows: list[dict]) -> list[str]:
+    names = [t.name for t in TASKS]
+    present = {r["task"] for r in rows}
+    return [n for n in names if n in present] + sorted(present - set(names))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def _pct(mean: float, std: float | None) -> str:
+    return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def summarize(rows: list[dict]) -> dict[str, list[dict]]:
+    """Per task, per agent: means and standard deviations over seeds, best first."""
+    out: dict[str, list[dict]] = {}
+    for task in _task_order(rows):
+        by_agent: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["task"] == task:
+                by_agent.setdefault(r["agent"], []).append(r)
+        entries = []
+        for agent, rs in by_agent.items():
+            rs = sorted(rs, key=lambda r: r["seed"])
+            entries.append(
+                {
+                    "agent": agent,
+                    "seeds": [r["seed"] for r in rs],
+                    "test_accuracy": _mean_std([r["test_accuracy"] for r in rs]),
+                    "flops_reduction": _mean_std([r["flops_reduction"] for r in rs]),
+                    "reward_accuracy": _mean_std([r["reward_accuracy"] for r in rs]),
+                    "test_accuracy_before_finetune": _mean_std(
+                        [r["test_accuracy_before_finetune"] for r in rs]
+                    ),
+                    "search_seconds": sum(r["search_seconds"] for r in rs) / len(rs),
+                    "dense_test_accuracy": rs[0]["dense_test_accuracy"],
+                    "model": rs[0].get("model"),
+                    "dataset": rs[0].get("dataset"),
+                    "budget": rs[0].get("budget"),
+                }
+            )
+        entries.sort(key=lambda e: (-e["test_accuracy"][0], e["agent"]))
+        out[task] = entries
+    return out
+
+
+def render(rows: list[dict]) -> str:
+    """The leaderboard as markdown, generated from the rows alone."""
+    lines = ["# AutoSculpt-env leaderboard", ""]
+    if not rows:
+        return "\n".join(lines + ["No rows yet.", ""])
+    protocols = {r.get("protocol_key"): r.get("protocol") for r in rows}
+    lines += [
+        "Score: top-1 **test** accuracy after fine-tuning the best policy a search found, mean ± "
+        "standard deviation over seeds (best first). The search sees the `reward` split only; "
+        "the test split is read once per row, after fine-tuning. Every row is replayable: "
+        "`autosculpt validate ROWS_DIR` replays them. Generated by `python "
+        "benchmarks/leaderboard.py --only-render` from "
+        f"{len(rows)} rows; do not edit by hand.",
+        "",
+    ]
+    for key, p in protocols.items():
+        recipe = p.get("finetune_recipe")
+        lines.append(
+            f"Protocol `{key}`: {p['budget']} reward evaluations per search, evaluation "
+            f"`{p['evaluation']}` on (up to) {p['reward_samples']} reward-split images"
+            + (f", dataset override `{p['dataset']}`" if p.get("dataset") else "")
+            + ", fine-tuning "
+            + (
+                f"{recipe['epochs']} epoch(s) {recipe['optimizer']} lr {recipe['lr']}"
+                if recipe
+                else "with the dataset's default recipe (`autosculpt_env.finetune`)"
+            )
+            + (
+                f" on {p['finetune_samples']} train images"
+                if p.get("finetune_samples")
+                else " on the whole train split"
+            )
+            + "."
+        )
+    if len(protocols) > 1:
+        lines.append("")
+        lines.append("**Warning: these rows come from more than one protocol.**")
+    lines.append("")
+    for task, entries in summarize(rows).items():
+        e0 = entries[0]
+        lines += [
+            f"## {task}",
+            "",
+            f"{e0['model']} on {e0['dataset']}, target FLOPs reduction "
+            f"{task.rsplit('@', 1)[-1]}; dense test accuracy {100 * e0['dense_test_accuracy']:.2f} %.",
+            "",
+            "| rank | agent | test acc. after FT (%) | FLOPs reduction (%) "
+            "| reward acc. before FT (%) | test acc. before FT (%) | search (s) | seeds |",
+            "|---:|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for rank, e in enumerate(entries, 1):
+            lines.append(
+                f"| {rank} | {e['agent']} | {_pct(*e['test_accuracy'])} "
+                f"| {_pct(*e['flops_reduction'])} | {_pct(*e['reward_accuracy'])} "
+                f"| {_pct(*e['test_accuracy_before_finetune'])} | {e['search_seconds']:.0f} "
+                f"| {' '.join(map(str, e['seeds']))} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not dominated when both coordinates are maximised, by increasing x."""
+    front, best_y = [], -math.inf
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if y > best_y:
+            front.append((x, y))
+            best_y = y
+    return sorted(front)
+
+
+def plot(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
+    """Write ``pareto.png`` (FLOPs reduction vs test accuracy after fine-tuning, with the
+    Pareto front) and ``progress.png`` (best reward vs reward evaluations per agent, mean
+    over seeds with the seeds' range) into ``out_dir``; return their paths."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = _task_order(rows)
+    agents = sorted({r["agent"] for r in rows}, key=lambda a: (a not in AGENTS, a))
+    colors = {a: f"C{i % 10}" for i, a in enumerate(agents)}
+    markers = "os^Dv<>P*X"
+    n = max(1, len(tasks))
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    paths = []
+
+    fig = Figure(figsize=(4.6 * ncols, 3.8 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, task in zip(axes, tasks):
+        rs = [r for r in rows if r["task"] == task]
+        for i, a in enumerate(agents):
+            pts = [
+                (100 * r["flops_reduction"], 100 * r["test_accuracy"])
+                for r in rs
+                if r["agent"] == a
+            ]
+            if pts:
+                x, y = zip(*pts)
+                ax.scatter(x, y, color=colors[a], marker=markers[i % len(markers)], label=a, s=28)
+        front = _pareto([(100 * r["flops_reduction"], 100 * r["test_accuracy"]) for r in rs])
+        if front:
+            fx, fy = zip(*front)
+            ax.step(fx, fy, where="post", color="k", lw=0.8, alpha=0.6, label="Pareto front")
+        if rs:
+            ax.axhline(
+                100 * rs[0]["dense_test_accuracy"], color="grey", ls="--", lw=0.8, label="dense"
+            )
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("FLOPs reduction (%)")
+        ax.set_ylabel("test accuracy after fine-tuning (%)")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(tasks) :]:
+        ax.set_visible(False)
+    if tasks:
+        axes[0].legend(fontsize=7)
+    paths.append(out_dir / "pareto.png")
+    fig.savefig(paths[-1], dpi=120)
+
+    fig = Figure(figsize=(4.6 * ncols, 3.8 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, task in zip(axes, tasks):
+        rs = [r for r in rows if r["task"] == task]
+        budget = max([r.get("budget") or 1 for r in rs] + [1])
+        grid = np.arange(1, budget + 1)
+        for a in agents:
+            curves = []
+            for r in rs:
+                if r["agent"] != a or not r.get("progress"):
+                    continue
+                pts = np.asarray(r["progress"], dtype=float)
+                # step function: the best reward known after n evaluations
+                pos = np.searchsorted(pts[:, 0], grid, side="right") - 1
+                curve = np.where(pos >= 0, pts[np.clip(pos, 0, None), 1], np.nan)
+                last = pts[-1, 0]
+                curve[grid > max(last, r.get("reward_evaluations") or last)] = np.nan
+                curves.append(curve)
+            if not curves:
+                continue
+            c = np.vstack(curves)
+            with warnings.catch_warnings():  # all-NaN columns: no seed has a value yet
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, lo, hi = np.nanmean(c, 0), np.nanmin(c, 0), np.nanmax(c, 0)
+            ax.plot(grid, mean, color=colors[a], label=a, lw=1.4, drawstyle="steps-post")
+            ax.fill_between(grid, lo, hi, color=colors[a], alpha=0.15, step="post")
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("reward evaluations")
+        ax.set_ylabel("best reward so far")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(tasks) :]:
+        ax.set_visible(False)
+    if tasks:
+        axes[0].legend(fontsize=7)
+    paths.append(out_dir / "progress.png")
+    fig.savefig(paths[-1], dpi=120)
+    return paths
+
+
+# -------------------------------------------------------------------- the whole command
+def run_leaderboard(
+    protocol: Protocol,
+    tasks: Sequence[Task] = TASKS,
+    agents: Sequence[str] = AGENTS,
+    rows_dir: str | os.PathLike = "benchmarks/rows",
+    workdir: str | os.PathLike = "benchmarks/runs",
+    output: str | os.PathLike | None = "benchmarks/LEADERBOARD.md",
+    plots_dir: str | os.PathLike | None = "benchmarks/plots",
+    only_render: bool = False,
+    check: bool = False,
+    jobs: int = 1,
+    progress: bool = True,
+) -> int:
+    """Run the missing rows (unless ``only_render``), then write the table and plots from
+    every row in ``rows_dir``. With ``check``, replay the rows first. Returns an exit code:
+    0, or 1 when a run failed or a row did not validate."""
+    code = 0
+    if not only_render:
+        result = run_all(protocol, tasks, agents, rows_dir, workdir, jobs=jobs, progress=progress)
+        if result["failed"]:
+            code = 1
+            print(f"{len(result['failed'])} runs failed (no row written):", file=sys.stderr)
+            for rid, err in result["failed"].items():
+                print(f"  {rid}: {err}", file=sys.stderr)
+    rows = load_rows(rows_dir) if Path(rows_dir).exists() else []
+    if check:
+        bad = [v for v in validate(rows) if not v["ok"]]
+        for v in bad:
+            print(f"row {v['row_id']} does not validate: {'; '.join(v['errors'])}", file=sys.stderr)
+        code = 1 if bad else code
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(render(rows) + "\n")
+        print(f"wrote {output} ({len(rows)} rows)")
+    if plots_dir is not None and rows:
+        for p in plot(rows, plots_dir):
+            print(f"wrote {p}")
+    return code
+
+
+def protocol_with(protocol: Protocol, **changes) -> Protocol:
+    """A copy of ``protocol`` with ``changes`` (``None`` values are ignored)."""
+    return replace(protocol, **{k: v for k, v in changes.items() if v is not None})
+
+
+DEFAULT_BUDGET = 100
+DEFAULT_ROWS_DIR = "benchmarks/rows"
+DEFAULT_WORK_DIR = "benchmarks/runs"
+DEFAULT_OUTPUT = "benchmarks/LEADERBOARD.md"
+DEFAULT_PLOTS_DIR = "benchmarks/plots"
+
+
+def make_protocol(
+    budget: int = DEFAULT_BUDGET,
+    seeds: Sequence[int] = (1, 2, 3),
+    dataset: str | None = None,
+    evaluation: str = "accuracy",
+    finetune_epochs: int | None = None,
+    finetune_samples: int | None = None,
+    threads: int = 1,
+    agent_timeout_s: float | None = None,
+) -> Protocol:
+    """A :class:`Protocol` from command-line options. ``finetune_epochs`` changes the epochs
+    of the default recipe of ``dataset`` (Fashion-MNIST's when no dataset is overridden)."""
+    recipe = None
+    if finetune_epochs is not None:
+        from .finetune import default_recipe
+
+        recipe = replace(default_recipe(dataset or "fashion-mnist"), epochs=int(finetune_epochs))
+    return Protocol(
+        budget=int(budget),
+        seeds=tuple(int(s) for s in seeds),
+        evaluation=evaluation,
+        dataset=dataset,
+        finetune_recipe=recipe,
+        finetune_samples=finetune_samples,
+        threads=int(threads),
+        agent_timeout_s=agent_timeout_s,
+    )
+
+
+def command(
+    tasks: Sequence[str] | None = None,
+    agents: Sequence[str] | None = None,
+    seeds: Sequence[int] = (1, 2, 3),
+    budget: int = DEFAULT_BUDGET,
+    dataset: str | None = None,
+    evaluation: str = "accuracy",
+    finetune_epochs: int | None = None,
+    finetune_samples: int | None = None,
+    threads: int = 1,
+    jobs: int = 1,
+    rows_dir: str = DEFAULT_ROWS_DIR,
+    work_dir: str = DEFAULT_WORK_DIR,
+    output: str | None = DEFAULT_OUTPUT,
+    plots_dir: str | None = DEFAULT_PLOTS_DIR,
+    only_render: bool = False,
+    check: bool = False,
+    progress: bool = True,
+    agent_timeout_s: float | None = None,
+) -> int:
+    """What ``benchmarks/leaderboard.py`` and ``autosculpt leaderboard`` run."""
+    protocol = make_protocol(
+        budget,
+        seeds,
+        dataset,
+        evaluation,
+        finetune_epochs,
+        finetune_samples,
+        threads,
+        agent_timeout_s,
+    )
+    task_list = [Task.parse(t) for t in tasks] if tasks else list(TASKS)
+    return run_leaderboard(
+        protocol,
+        task_list,
+        list(agents) if agents else list(AGENTS),
+        rows_dir=rows_dir,
+        workdir=work_dir,
+        output=output,
+        plots_dir=plots_dir,
+        only_render=only_render,
+        check=check,
+        jobs=jobs,
+        progress=progress,
+    )

@@ -1,0 +1,227 @@
+"""The leaderboard harness end to end on the digits twin of AutoSculpt-ResNet.
+
+Two agents (random search, uniform) x two seeds, a budget of 5 reward evaluations and a
+one-epoch fine-tune on 256 images. The harness is started as a program, killed as soon as
+its first row is written, and resumed: no row may be lost, redone or duplicated, and every
+row must validate by replay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from autosculpt_env import cli
+from autosculpt_env import leaderboard as lb
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = "AutoSculpt-ResNet@0.5"
+AGENTS = ["random_search", "uniform"]
+SEEDS = [1, 2]
+OPTIONS = dict(
+    tasks=[TASK],
+    agents=AGENTS,
+    seeds=SEEDS,
+    budget=5,
+    dataset="digits",
+    finetune_epochs=1,
+    finetune_samples=256,
+)
+
+
+def _argv(opts: dict, paths: dict) -> list[str]:
+    argv = ["--tasks", *opts["tasks"], "--agents", *opts["agents"]]
+    argv += ["--seeds", *map(str, opts["seeds"]), "--budget", str(opts["budget"])]
+    argv += ["--dataset", opts["dataset"], "--finetune-epochs", str(opts["finetune_epochs"])]
+    argv += ["--finetune-samples", str(opts["finetune_samples"]), "--no-progress"]
+    for key in ("rows_dir", "work_dir", "output", "plots_dir"):
+        argv += [f"--{key.replace('_', '-')}", str(paths[key])]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("leaderboard")
+    paths = {
+        "rows_dir": root / "rows",
+        "work_dir": root / "runs",
+        "output": root / "LEADERBOARD.md",
+        "plots_dir": root / "plots",
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "leaderboard.py"), *_argv(OPTIONS, paths)]
+    # its own process group, so the kill takes the running agent down with the harness
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    first: dict[str, str] = {}
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            rows = list(paths["rows_dir"].glob("*.json"))
+            if rows:
+                first = {p.name: p.read_text() for p in rows}
+                break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0].decode(errors="replace")
+    assert first, f"no row appeared before the harness ended (rc {proc.returncode}):\n{out[-3000:]}"
+    killed_early = proc.returncode == -signal.SIGKILL
+
+    rows_after_kill = {p.name: p.read_text() for p in paths["rows_dir"].glob("*.json")}
+    protocol = lb.make_protocol(
+        OPTIONS["budget"],
+        SEEDS,
+        OPTIONS["dataset"],
+        finetune_epochs=OPTIONS["finetune_epochs"],
+        finetune_samples=OPTIONS["finetune_samples"],
+    )
+    resumed = lb.run_all(
+        protocol,
+        [lb.Task.parse(TASK)],
+        AGENTS,
+        paths["rows_dir"],
+        paths["work_dir"],
+        progress=False,
+    )
+    yield {
+        "paths": paths,
+        "protocol": protocol,
+        "first": first,
+        "rows_after_kill": rows_after_kill,
+        "killed_early": killed_early,
+        "resumed": resumed,
+        "rows": lb.load_rows(paths["rows_dir"]),
+    }
+    torch.set_num_threads(threads)
+
+
+def test_kill_and_resume_loses_and_duplicates_nothing(board):
+    assert board["killed_early"], "the harness finished before it could be killed"
+    rows_dir = board["paths"]["rows_dir"]
+    expected = {lb.row_id(lb.Task.parse(TASK), a, s) for a in AGENTS for s in SEEDS}
+    assert not board["resumed"]["failed"], board["resumed"]["failed"]
+    # the rows written before the kill were skipped, not redone, and are unchanged
+    assert set(board["resumed"]["skipped"]) == {n[:-5] for n in board["rows_after_kill"]}
+    assert set(board["resumed"]["done"]).isdisjoint(board["resumed"]["skipped"])
+    for name, text in board["rows_after_kill"].items():
+        assert (rows_dir / name).read_text() == text
+    rows = board["rows"]
+    assert sorted(r["row_id"] for r in rows) == sorted(expected)
+    assert len({(r["task"], r["agent"], r["seed"]) for r in rows}) == len(expected)
+    assert sorted(p.name for p in rows_dir.iterdir()) == sorted(f"{e}.json" for e in expected)
+    # resuming a complete table runs nothing
+    again = lb.run_all(
+        board["protocol"],
+        [lb.Task.parse(TASK)],
+        AGENTS,
+        rows_dir,
+        board["paths"]["work_dir"],
+        progress=False,
+    )
+    assert again["done"] == [] and len(again["skipped"]) == len(expected)
+
+
+def test_rows_hold_the_protocols_facts(board):
+    for r in board["rows"]:
+        assert r["budget"] == 5 and 0 < r["reward_evaluations"] <= 5
+        assert r["dataset"] == "digits" and r["target"] == 0.5
+        assert r["flops_reduction"] >= 0.5
+        assert len(r["policy"]) == len(r["record"]["layers"]) == 21
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["dense_test_accuracy"] > 0.9
+        assert r["reward_accuracy"] == r["record"]["metrics"]["accuracy"]
+        assert r["reward_accuracy_measured"] == pytest.approx(r["reward_accuracy"], abs=1e-3)
+        assert r["search_seconds"] > 0 and r["finetune_seconds"] > 0
+        assert r["version"] and r["protocol_key"] == board["protocol"].key()
+        assert r["finetune_samples"] == 256 and r["finetune_recipe"]["epochs"] == 1
+        assert r["progress"] and r["progress"][-1][0] <= 5
+        assert r["progress"][-1][1] == pytest.approx(r["reward"], abs=1e-6)
+        model_dir = board["paths"]["work_dir"] / "models" / r["row_id"]
+        assert (model_dir / "masks.safetensors").exists()
+
+
+def test_all_rows_validate_by_replay(board):
+    results = lb.validate(board["rows"])
+    assert all(v["ok"] for v in results), results
+
+
+def test_render_and_plot(board, tmp_path):
+    md = lb.render(board["rows"])
+    assert f"## {TASK}" in md
+    for agent in AGENTS:
+        assert f"| {agent} |" in md
+    assert " ± " in md
+    paths = lb.plot(board["rows"], tmp_path)
+    assert [p.name for p in paths] == ["pareto.png", "progress.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+    # the killed harness never rendered; --only-render writes both from the rows alone
+    out = tmp_path / "LB.md"
+    code = cli.main(
+        ["leaderboard", "--only-render", "--rows-dir", str(board["paths"]["rows_dir"])]
+        + ["--output", str(out), "--plots-dir", str(tmp_path / "plots")]
+    )
+    assert code == 0 and out.read_text().strip() == md.strip()
+    assert (tmp_path / "plots" / "pareto.png").exists()
+
+
+def test_validate_command_fails_on_a_tampered_row(board, tmp_path, capsys):
+    row = dict(board["rows"][0])
+    row.pop("_path")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(row))
+    assert cli.main(["validate", str(good)]) == 0
+
+    bad = dict(row, test_accuracy=row["test_accuracy"], flops_reduction=0.99)
+    (tmp_path / "summary.json").write_text(json.dumps(bad))
+    assert cli.main(["validate", str(tmp_path / "summary.json")]) == 1
+
+    # a consistent forgery (row and record agree) is caught by the replay
+    record = json.loads(json.dumps(row["record"]))
+    record["metrics"]["accuracy"] += 0.05
+    forged = dict(row, record=record, reward_accuracy=record["metrics"]["accuracy"])
+    forged["reward"] = record["metrics"]["reward"] = record["metrics"]["accuracy"]
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    assert cli.main(["validate", str(tmp_path / "forged.json")]) == 1
+    assert "replayed accuracy" in capsys.readouterr().out
+
+
+def test_a_rows_dir_holds_one_protocol(board):
+    other = lb.make_protocol(budget=7, seeds=SEEDS, dataset="digits")
+    with pytest.raises(ValueError, match="another protocol"):
+        lb.run_all(other, [lb.Task.parse(TASK)], AGENTS, board["paths"]["rows_dir"], progress=False)
+
+
+def test_tasks_and_protocol():
+    assert [t.name for t in lb.TASKS] == [
+        "AutoSculpt-ResNet@0.5",
+        "AutoSculpt-VGG@0.5",
+        "AutoSculpt-MobileNet@0.5",
+        "AutoSculpt-ViT@0.5",
+        "AutoSculpt-ResNet@0.7",
+    ]
+    assert lb.Task.parse("AutoSculpt-VGG") == lb.Task("AutoSculpt-VGG", 0.5)
+    with pytest.raises(ValueError):
+        lb.Task.parse("AutoSculpt-VGG@1.5")
+    p = lb.Protocol(budget=10, seeds=(1, 2))
+    assert lb.Protocol.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    assert lb.Protocol(budget=10, seeds=(3,)).key() == p.key()  # seeds can be added later
+    assert lb.Protocol(budget=11).key() != p.key()
+    with pytest.raises(FileNotFoundError, match="no agent"):
+        lb.agent_script("no_such_agent")

@@ -61,7 +61,7 @@ class Args:
     """override the env's reward"""
 
     # Algorithm specific arguments
-    total_timesteps: int = 9600
+    total_timesteps: int = 12600
     """total env steps (one step = one layer decision)"""
     max_reward_evaluations: int | None = None
     """stop after this many reward evaluations (finished episodes); the leaderboard's budget"""

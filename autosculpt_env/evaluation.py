@@ -26,9 +26,9 @@ Neither evaluator ever reads the ``test`` split.
 from __future__ import annotations
 
 import copy
-import sys
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 

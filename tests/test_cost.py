@@ -308,17 +308,17 @@ def test_min_flops_next_matches_min_flops_from_for_every_action():
             modules = dict(net.named_modules())
             masks = {}
 
-            def mask(l, a, graph=graph, catalog=catalog, modules=modules, masks=masks):
-                name = graph.layers[l]
+            def mask(li, a, graph=graph, catalog=catalog, modules=modules, masks=masks):
+                name = graph.layers[li]
                 kind = graph.layer_kind(name)
                 heads = graph.heads(name)
                 kw = {} if heads is None else {"num_heads": heads[0], "head_axis": heads[1]}
                 w = modules[name].weight.detach()
                 if not catalog.valid_for(tuple(w.shape), kind, **kw)[a]:
                     return None
-                if (l, a) not in masks:
-                    masks[(l, a)] = catalog.mask(a, w, kind, **kw)
-                return masks[(l, a)]
+                if (li, a) not in masks:
+                    masks[(li, a)] = catalog.mask(a, w, kind, **kw)
+                return masks[(li, a)]
 
             table = build_cost_table(graph, catalog, mask)
             prefix: list[int] = []

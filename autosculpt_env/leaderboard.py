@@ -26,6 +26,14 @@ Every row of a rows folder must come from the same protocol (its :meth:`Protocol
 budget, evaluation mode, reward samples, dataset override, fine-tuning recipe and subset);
 seeds may be added later.
 
+The default protocol is sized for a 2-core CPU: 100 reward evaluations per search
+(``evaluation="accuracy"``, 2,048 reward images), seeds 1-3, one epoch of SGD fine-tuning
+on the whole ``train`` split (:data:`autosculpt_env.finetune.FINETUNE_RECIPE`), one torch
+thread per run and two runs at a time (``--jobs 2``). One reward evaluation costs about
+0.4 s (VGG-11) to 1.3 s (ViT) on one core, one fine-tuning epoch 20 s (VGG-11) to 75 s
+(MobileNetV2); the 90 rows (5 tasks x 6 agents x 3 seeds) take about 2-2.5 hours.
+``--dataset digits`` runs a twin of the whole table in minutes.
+
 Run it with ``python benchmarks/leaderboard.py`` or ``autosculpt leaderboard``.
 """
 
@@ -41,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -389,6 +398,14 @@ def run_one(
         problems.append(f"spent {used_evals} reward evaluations, budget {protocol.budget}")
     if found_at is None or found_at > protocol.budget:
         problems.append(f"best episode found at evaluation {found_at}, budget {protocol.budget}")
+    m = record.metrics
+    if (
+        kw.get("reward", "budget") == "budget"
+        and m["flops_reduction"] < task.target_flops_reduction - 1e-12
+    ):
+        problems.append(
+            f"FLOPs reduction {m['flops_reduction']:.4f} misses the target {task.target_flops_reduction}"
+        )
     if problems:
         raise AgentError(f"{agent} on {task.name} seed {seed}: " + "; ".join(problems))
 
@@ -400,6 +417,19 @@ def run_one(
     try:
         base = env.unwrapped
         actions = base.problem.actions_from_names(record.actions)
+        # the record must describe the network that is fine-tuned: same FLOPs, same
+        # reward-split accuracy (one evaluation; `validate` replays the whole episode later)
+        flops = base.problem.policy_flops(actions)
+        measured_reward_acc = float(base.evaluator(actions))
+        if "flops" in m and flops != m["flops"]:
+            raise AgentError(
+                f"{agent} on {task.name} seed {seed}: record FLOPs {m['flops']} != {flops}"
+            )
+        if protocol.evaluation == "accuracy" and abs(measured_reward_acc - m["accuracy"]) > 1e-3:
+            raise AgentError(
+                f"{agent} on {task.name} seed {seed}: record accuracy {m['accuracy']} != "
+                f"measured {measured_reward_acc}"
+            )
         t1 = time.perf_counter()
         model, masks = finetune(
             env,
@@ -414,7 +444,6 @@ def run_one(
         test_acc = accuracy(model, test)
         pruned_test_acc = accuracy(base.pruned_model(actions), test)
         dense_test_acc = _dense_test_accuracy(env, test)
-        measured_reward_acc = float(base.evaluator(actions))
     finally:
         env.close()
         torch.set_num_threads(threads)
@@ -430,7 +459,6 @@ def run_one(
     save(workdir / "models" / rid, model, masks, record)
 
     commit, dirty = git_commit()
-    m = record.metrics
     return {
         "schema": ROW_SCHEMA,
         "row_id": rid,
@@ -541,8 +569,11 @@ def _run_and_write(args: tuple) -> tuple[str, str | None, float]:
     t0 = time.perf_counter()
     try:
         row = run_one(task, agent, seed, protocol, workdir)
-    except (AgentError, FileNotFoundError, ValueError) as e:
-        return row_id(task, agent, seed), f"{type(e).__name__}: {e}", time.perf_counter() - t0
+    except AgentError as e:
+        return row_id(task, agent, seed), f"{e}", time.perf_counter() - t0
+    except Exception as e:  # one broken run must not stop the table
+        tb = "".join(traceback.format_exception(e)[-6:])
+        return row_id(task, agent, seed), f"{type(e).__name__}: {e}\n{tb}", time.perf_counter() - t0
     write_row(rows_dir, row)
     return row["row_id"], None, time.perf_counter() - t0
 
@@ -568,6 +599,8 @@ def run_all(
 
     rows_dir, workdir = Path(rows_dir), Path(workdir)
     _check_protocol(rows_dir, protocol)
+    for stale in rows_dir.glob(".*.tmp"):  # a row being written when a run was killed
+        stale.unlink(missing_ok=True)
     for agent in agents:
         agent_script(agent)
     todo, skipped = [], []

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from autosculpt_env import data
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one thread: tests run beside other processes (subprocess agents, CI), and torch threads
+# oversubscribing 2 cores slow everything by orders of magnitude
+torch.set_num_threads(1)
 
 
 def fashion_mnist_available() -> bool:

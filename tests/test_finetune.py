@@ -128,3 +128,17 @@ def test_finetune_from_a_record_file(env, tmp_path):
     model, masks = ft.finetune(path, recipe=recipe, seed=1, progress=False, train_samples=128)
     ft.check_masks(model, masks)
     assert len(ft.train_subset("digits", 128)) == 128
+
+
+def test_finetune_never_reads_the_test_split(env, monkeypatch):
+    splits = []
+    load = data.load
+
+    def spy(name, split, data_dir=None):
+        splits.append(split)
+        return load(name, split, data_dir)
+
+    monkeypatch.setattr(data, "load", spy)
+    recipe = Recipe(epochs=1, lr=0.02, batch_size=64, crop_padding=1, hflip=False)
+    ft.finetune(env, heavy_policy(env.unwrapped), recipe, progress=False, train_samples=64)
+    assert splits == ["train"]

@@ -54,7 +54,8 @@ def test_digits_entry_trains_on_first_use_and_caches(tmp_path, monkeypatch):
     manifest = json.loads(path.with_suffix(".json").read_text())
     assert manifest["test_accuracy"] > 0.85 and manifest["splits"]["trained_on"] == "train"
     assert accuracy(net, data.load("digits", "test")) == pytest.approx(
-        manifest["test_accuracy"], abs=1e-6
+        manifest["test_accuracy"],
+        abs=5e-5,  # the manifest rounds to 4 places
     )
     again = zoo.load("resnet20", "digits")  # from the cache, no retraining
     assert all(

@@ -248,7 +248,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _reward_split(base):
     from . import data
 
-    kw = base._init_kwargs
+    kw = base.env_kwargs
     ds = data.load(kw["dataset"], "reward", kw.get("data_dir"))
     n = min(kw["reward_samples"], len(ds))
     return data.ImageDataset(ds.images[:n], ds.labels[:n], ds.info, "reward")

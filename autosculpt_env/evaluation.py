@@ -95,7 +95,6 @@ class AccuracyEvaluator:
             self.cache[key] = self._score(key)
         return self.cache[key]
 
-    @torch.inference_mode(False)
     def _score(self, policy: tuple[int, ...]) -> float:
         self._apply(policy)
         with torch.no_grad():

@@ -199,7 +199,7 @@ def finetune(
             policy = record.actions
         problem = base.problem
         idx = _indices(problem, policy)
-        kwargs = base._init_kwargs
+        kwargs = base.env_kwargs
         dataset = kwargs["dataset"]
         recipe = default_recipe(dataset) if recipe is None else recipe
         model = base.pruned_model(idx)

@@ -282,7 +282,7 @@ _DENSE_TEST: dict[str, float] = {}
 
 def _dense_test_accuracy(env, test) -> float:
     base = env.unwrapped
-    key = json.dumps([base.spec.id if base.spec else None, base._init_kwargs], sort_keys=True)
+    key = json.dumps([base.spec.id if base.spec else None, base.env_kwargs], sort_keys=True)
     if key not in _DENSE_TEST:
         from .training import accuracy
 

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 import warnings
 from dataclasses import asdict, is_dataclass
@@ -162,7 +161,3 @@ class BestEpisode:
             f"params -{100 * m['params_reduction']:.1f}%, pruning rate {100 * m['pruning_rate']:.1f}%\n"
             f"policy: {' '.join(self.record.actions)}\nrecord: {self.path}"
         )
-
-
-def stdout_is_interactive() -> bool:
-    return sys.stdout.isatty()

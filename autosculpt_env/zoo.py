@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -278,11 +276,7 @@ def train_entry(
     elapsed = time.time() - t0
     test_acc = accuracy(net, test_ds)
     if command is None:
-        command = (
-            "autosculpt zoo train " + " ".join(shlex.quote(a) for a in sys.argv[3:])
-            if (len(sys.argv) > 2 and sys.argv[1:3] == ["zoo", "train"])
-            else f"autosculpt zoo train --model {model} --dataset {dataset}"
-        )
+        command = f"autosculpt zoo train --model {model} --dataset {dataset}"
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".safetensors.tmp")
     os.close(fd)

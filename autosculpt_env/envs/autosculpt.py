@@ -256,6 +256,11 @@ class AutoSculptEnv(gym.Env):
         return list(self._action_names)
 
     @property
+    def env_kwargs(self) -> dict:
+        """The keyword arguments that rebuild this env with ``gym.make`` (JSON values)."""
+        return dict(self._init_kwargs)
+
+    @property
     def layer_names(self) -> list[str]:
         """Prunable layers in the order the episode decides them."""
         return [layer.name for layer in self.problem.layers]
@@ -432,7 +437,7 @@ class AutoSculptEnv(gym.Env):
         env_id = self.spec.id if self.spec is not None else "AutoSculpt-v0"
         return EpisodeRecord(
             env_id=env_id,
-            env_kwargs=dict(self._init_kwargs),
+            env_kwargs=self.env_kwargs,
             layers=self.layer_names,
             actions=list(metrics["policy"]),
             metrics={k: v for k, v in metrics.items() if k != "policy"},

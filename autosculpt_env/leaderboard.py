@@ -760,6 +760,42 @@ def summarize(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def standings(summary: dict[str, list[dict]]) -> list[dict]:
+    """Across tasks, per agent: mean rank (1 = best), first places, and mean gap to the
+    dense network's test accuracy; best mean rank first. An agent is ranked only on the
+    tasks it has rows for, and the count is reported with it.
+
+    >>> s = {"A@0.5": [{"agent": "x", "test_accuracy": (0.9, None), "dense_test_accuracy": 0.95},
+    ...                {"agent": "y", "test_accuracy": (0.8, None), "dense_test_accuracy": 0.95}],
+    ...      "B@0.5": [{"agent": "y", "test_accuracy": (0.7, None), "dense_test_accuracy": 0.9},
+    ...                {"agent": "x", "test_accuracy": (0.65, None), "dense_test_accuracy": 0.9}],
+    ...      "C@0.7": [{"agent": "x", "test_accuracy": (0.5, None), "dense_test_accuracy": 0.9}]}
+    >>> for e in standings(s):
+    ...     print(e["agent"], e["mean_rank"], e["wins"], e["tasks"], e["ranks"], round(e["gap_to_dense"], 3))
+    x 1.3333333333333333 2 3 {'A@0.5': 1, 'B@0.5': 2, 'C@0.7': 1} -0.233
+    y 1.5 1 2 {'A@0.5': 2, 'B@0.5': 1} -0.175
+    """
+    per_agent: dict[str, dict] = {}
+    for task, entries in summary.items():
+        for rank, e in enumerate(entries, 1):
+            a = per_agent.setdefault(e["agent"], {"ranks": {}, "gaps": []})
+            a["ranks"][task] = rank
+            a["gaps"].append(e["test_accuracy"][0] - e["dense_test_accuracy"])
+    out = [
+        {
+            "agent": agent,
+            "mean_rank": sum(a["ranks"].values()) / len(a["ranks"]),
+            "wins": list(a["ranks"].values()).count(1),
+            "tasks": len(a["ranks"]),
+            "ranks": a["ranks"],
+            "gap_to_dense": sum(a["gaps"]) / len(a["gaps"]),
+        }
+        for agent, a in per_agent.items()
+    ]
+    out.sort(key=lambda e: (e["mean_rank"], -e["gap_to_dense"], e["agent"]))
+    return out
+
+
 def render(rows: list[dict]) -> str:
     """The leaderboard as markdown, generated from the rows alone."""
     lines = ["# AutoSculpt-env leaderboard", ""]
@@ -798,7 +834,29 @@ def render(rows: list[dict]) -> str:
         lines.append("")
         lines.append("**Warning: these rows come from more than one protocol.**")
     lines.append("")
-    for task, entries in summarize(rows).items():
+    summary = summarize(rows)
+    if len(summary) > 1:
+        tasks = list(summary)
+        lines += [
+            "## Overall",
+            "",
+            "Mean rank over the tasks below (1 = best; ties in mean rank broken by the gap), "
+            "first places, and the mean gap between the agent's test accuracy after "
+            "fine-tuning and the dense network's. Ranks per task, in order: "
+            + ", ".join(f"`{t}`" for t in tasks)
+            + ".",
+            "",
+            "| agent | mean rank | first places | gap to dense (pt) | ranks per task |",
+            "|---|---:|---:|---:|---|",
+        ]
+        for e in standings(summary):
+            lines.append(
+                f"| {e['agent']} | {e['mean_rank']:.1f} | {e['wins']}/{e['tasks']} "
+                f"| {100 * e['gap_to_dense']:+.2f} "
+                f"| {' '.join(str(e['ranks'].get(t, '–')) for t in tasks)} |"
+            )
+        lines.append("")
+    for task, entries in summary.items():
         e0 = entries[0]
         lines += [
             f"## {task}",

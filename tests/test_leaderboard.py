@@ -168,6 +168,23 @@ def test_render_and_plot(board, tmp_path):
     for agent in AGENTS:
         assert f"| {agent} |" in md
     assert " ± " in md
+    assert "## Overall" not in md  # one task: nothing to aggregate
+
+    # a second task (the same rows relabelled, the runner-up lifted to first) yields the
+    # cross-task standings: one first place each, mean rank 1.5
+    runner_up = lb.summarize(board["rows"])[TASK][1]["agent"]
+    other = [
+        dict(
+            r,
+            task="AutoSculpt-ResNet@0.7",
+            test_accuracy=r["test_accuracy"] + (0.5 if r["agent"] == runner_up else 0.0),
+        )
+        for r in board["rows"]
+    ]
+    standings = lb.standings(lb.summarize(board["rows"] + other))
+    assert sorted(e["agent"] for e in standings) == sorted(AGENTS)
+    assert all(e["tasks"] == 2 and e["wins"] == 1 and e["mean_rank"] == 1.5 for e in standings)
+    assert "## Overall" in lb.render(board["rows"] + other)
     paths = lb.plot(board["rows"], tmp_path)
     assert [p.name for p in paths] == ["pareto.png", "progress.png"]
     assert all(p.stat().st_size > 1000 for p in paths)

@@ -162,16 +162,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         env = make_env(record)
         info = env.unwrapped.evaluate_policy(record.actions)
         env.close()
-    keys = (
-        "accuracy",
-        "dense_accuracy",
-        "flops_reduction",
-        "params_reduction",
-        "pruning_rate",
-        "flops",
-        "params",
-        "reward",
-    )
+    from .records import METRICS as keys
+
     if args.json:
         print(
             json.dumps(
@@ -282,26 +274,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from . import leaderboard as lb
 
-    return lb.command(
-        tasks=args.tasks,
-        agents=args.agents,
-        seeds=args.seeds,
-        budget=args.budget,
-        dataset=args.dataset,
-        evaluation=args.evaluation,
-        finetune_epochs=args.finetune_epochs,
-        finetune_samples=args.finetune_samples,
-        threads=args.threads,
-        jobs=args.jobs,
-        rows_dir=args.rows_dir,
-        work_dir=args.work_dir,
-        output=args.output,
-        plots_dir=args.plots_dir,
-        only_render=args.only_render,
-        check=args.validate,
-        progress=not args.no_progress,
-        agent_timeout_s=args.agent_timeout,
-    )
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    return lb.command(**options)
 
 
 def _add_leaderboard_parser(sub) -> None:
@@ -364,7 +338,7 @@ def _add_leaderboard_parser(sub) -> None:
         "--only-render", action="store_true", help="run nothing; render the existing rows"
     )
     p.add_argument("--validate", action="store_true", help="replay every row before rendering")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_cmd_leaderboard)
 
 

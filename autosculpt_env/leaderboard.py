@@ -1076,11 +1076,13 @@ def command(
     output: str | None = DEFAULT_OUTPUT,
     plots_dir: str | None = DEFAULT_PLOTS_DIR,
     only_render: bool = False,
-    check: bool = False,
+    validate: bool = False,
     progress: bool = True,
-    agent_timeout_s: float | None = None,
+    agent_timeout: float | None = None,
 ) -> int:
-    """What ``benchmarks/leaderboard.py`` and ``autosculpt leaderboard`` run."""
+    """What ``benchmarks/leaderboard.py`` and ``autosculpt leaderboard`` run; the parameters
+    are their options, by the same names. ``validate`` replays every row before rendering;
+    ``agent_timeout`` kills an agent run after that many seconds."""
     protocol = make_protocol(
         budget,
         seeds,
@@ -1089,7 +1091,7 @@ def command(
         finetune_epochs,
         finetune_samples,
         threads,
-        agent_timeout_s,
+        agent_timeout,
     )
     task_list = [Task.parse(t) for t in tasks] if tasks else list(TASKS)
     return run_leaderboard(
@@ -1101,7 +1103,7 @@ def command(
         output=output,
         plots_dir=plots_dir,
         only_render=only_render,
-        check=check,
+        check=validate,
         jobs=jobs,
         progress=progress,
     )

@@ -15,12 +15,15 @@ from pathlib import Path
 
 from . import __version__
 
+#: the metrics an episode record stores (``EpisodeRecord.metrics``), in display order
 METRICS = (
     "accuracy",
     "dense_accuracy",
     "flops_reduction",
     "params_reduction",
     "pruning_rate",
+    "flops",
+    "params",
     "reward",
 )
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -68,25 +68,4 @@ class Args:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    sys.exit(
-        lb.command(
-            tasks=args.tasks,
-            agents=args.agents,
-            seeds=args.seeds,
-            budget=args.budget,
-            dataset=args.dataset,
-            evaluation=args.evaluation,
-            finetune_epochs=args.finetune_epochs,
-            finetune_samples=args.finetune_samples,
-            threads=args.threads,
-            jobs=args.jobs,
-            rows_dir=args.rows_dir,
-            work_dir=args.work_dir,
-            output=args.output,
-            plots_dir=args.plots_dir,
-            only_render=args.only_render,
-            check=args.validate,
-            progress=args.progress,
-            agent_timeout_s=args.agent_timeout,
-        )
-    )
+    sys.exit(lb.command(**asdict(args)))

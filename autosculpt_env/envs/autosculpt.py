@@ -16,7 +16,7 @@ from ..features import STATIC_BASE, num_features, static_features
 from ..graph import EDGE_TYPES
 from ..patterns import Catalog, get_catalog
 from ..problem import PruningProblem
-from ..records import EpisodeRecord
+from ..records import METRICS, EpisodeRecord
 from ..rewards import check_reward, terminal_reward
 
 EVALUATIONS = ("accuracy", "proxy")
@@ -446,18 +446,8 @@ class AutoSculptEnv(gym.Env):
     def record_from_info(self, info: dict, extra: dict | None = None) -> EpisodeRecord:
         """Build the record of a finished episode from its terminal ``info`` (as an agent
         sees it, e.g. one env's slice of a vector env's ``final_info``), with no evaluation."""
-        keys = (
-            "accuracy",
-            "dense_accuracy",
-            "flops_reduction",
-            "params_reduction",
-            "pruning_rate",
-            "flops",
-            "params",
-            "reward",
-        )
         record = self._record(
-            {**{k: float(info[k]) for k in keys}, "policy": [str(a) for a in info["policy"]]}
+            {**{k: float(info[k]) for k in METRICS}, "policy": [str(a) for a in info["policy"]]}
         )
         record.extra = dict(extra or {})
         return record

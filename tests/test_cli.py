@@ -107,3 +107,22 @@ def test_finetune(record_file, tmp_path, capsys):
     ft.check_masks(model, masks)
     # a fine-tuned folder replays like its record
     assert cli.main(["evaluate", str(out_dir)]) == 0
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path, monkeypatch):
+    """`autosculpt zoo list | head`: the reader leaves early; no traceback, exit code 1."""
+    sink = open(tmp_path / "stdout", "w")
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return sink.fileno()
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert cli.main(["zoo", "list"]) == 1
+    sink.close()

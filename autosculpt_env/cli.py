@@ -281,6 +281,7 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def _add_leaderboard_parser(sub) -> None:
     from . import leaderboard as lb
+    from .evaluation import EVALUATIONS
 
     p = sub.add_parser(
         "leaderboard",
@@ -310,7 +311,7 @@ def _add_leaderboard_parser(sub) -> None:
     p.add_argument(
         "--evaluation",
         default="accuracy",
-        choices=["accuracy", "proxy"],
+        choices=list(EVALUATIONS),
         help="the env's evaluation mode",
     )
     p.add_argument(

@@ -1,6 +1,10 @@
 """Reward evaluation: how accurate is the network under a pruning policy?
 
-Two evaluators answer ``accuracy(policy)``:
+The evaluators answer ``accuracy(policy)``, one per ``evaluation=`` mode of the env
+(:data:`EVALUATIONS`). Each estimates the same thing, the leaderboard score (test accuracy
+after the fixed fine-tuning, :mod:`autosculpt_env.scoring`), at a different cost; how well
+each one ranks policies like that score is measured by ``benchmarks/reward_fidelity.py``
+(:mod:`autosculpt_env.fidelity`) and published in the README.
 
 * :class:`AccuracyEvaluator` (``evaluation="accuracy"``): writes the policy's masks into a
   private copy of the network (parameters are overwritten in place; no deep copy per call,
@@ -9,6 +13,16 @@ Two evaluators answer ``accuracy(policy)``:
   pruned network's activations no longer match the stored statistics; without this
   almost every pruned policy scores near chance), then measures top-1 accuracy on the
   first ``reward_samples`` images of the ``reward`` split. Results are memoised by policy.
+* ``evaluation="reconstruction"`` (:class:`ReconstructionEvaluator`): the same, but each
+  layer's kept weights are refitted by least squares to reproduce the dense layer's output
+  on calibration activations, and removed channels are compensated in their consumers
+  (:mod:`autosculpt_env.reconstruction`). Refits are computed once per (layer, action) and
+  cached, so an evaluation still costs one forward pass.
+* ``evaluation="recovery"`` (:class:`RecoveryEvaluator`): a short masked fine-tuning
+  before scoring: one pass of the leaderboard's fine-tuning recipe over a fixed subset of
+  ``recovery_samples`` training images, masks held exactly as :func:`finetune.finetune`
+  holds them, then recalibration and scoring. ``evaluation="reconstruction+recovery"``
+  starts that fine-tuning from the refitted weights.
 * :class:`ProxyEvaluator` (``evaluation="proxy"``): a per-(layer, action) sensitivity
   table, measured once with the accuracy evaluator (each layer pruned alone, the others
   dense) and cached on disk. A policy's proxy accuracy is::
@@ -20,7 +34,7 @@ Two evaluators answer ``accuracy(policy)``:
   model (AMC's and many pruning papers' layer-wise sensitivity analysis). It answers in
   microseconds; its rank agreement with true accuracy is reported in the README.
 
-Neither evaluator ever reads the ``test`` split.
+No evaluator ever reads the ``test`` split; all of them are deterministic.
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +54,21 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import zoo
+from .finetune import default_recipe, held_masks, train_held, train_subset
 from .problem import PruningProblem
+from .reconstruction import Reconstruction
 
 EVAL_BATCH = 1024
 RECAL_BATCH = 256
+
+EVALUATIONS: tuple[str, ...] = (
+    "accuracy",
+    "reconstruction",
+    "recovery",
+    "reconstruction+recovery",
+    "proxy",
+)
+"""The ``evaluation=`` modes of the env (see the module docstring)."""
 
 
 class AccuracyEvaluator:
@@ -74,12 +100,7 @@ class AccuracyEvaluator:
         ]
         self.recal_images = None
         if bn_recalibration_samples > 0 and self.norms:
-            train = data_mod.load(dataset, "train", data_dir)
-            g = torch.Generator().manual_seed(data_mod.SPLIT_SEED)
-            idx = torch.randperm(len(train), generator=g)[
-                : min(bn_recalibration_samples, len(train))
-            ]
-            self.recal_images = train.images[idx.sort().values]
+            self.recal_images = train_subset(dataset, bn_recalibration_samples, data_dir).images
         self.net = copy.deepcopy(problem.model).eval()
         self._net_norms = [
             m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -130,6 +151,95 @@ class AccuracyEvaluator:
         """A fresh copy of the network with the policy applied and batch norms recalibrated."""
         self._score(tuple(int(a) for a in policy))
         return copy.deepcopy(self.net).eval()
+
+
+class ReconstructionEvaluator(AccuracyEvaluator):
+    """``evaluation="reconstruction"``: refitted kept weights instead of masked ones.
+
+    Args:
+        calibration_samples: training images whose dense activations define the refits.
+        (the others as :class:`AccuracyEvaluator`)
+    """
+
+    def __init__(
+        self,
+        problem: PruningProblem,
+        dataset: str,
+        data_dir=None,
+        reward_samples: int = 2048,
+        bn_recalibration_samples: int = 1024,
+        calibration_samples: int = 256,
+    ):
+        calib = train_subset(dataset, calibration_samples, data_dir).images
+        self.reconstruction = Reconstruction(problem, calib)
+        super().__init__(problem, dataset, data_dir, reward_samples, bn_recalibration_samples)
+
+    def _apply(self, policy: tuple[int, ...]) -> None:
+        p, rec = self.problem, self.reconstruction
+        old = self._applied
+        changed = [
+            i
+            for i in range(p.num_layers)
+            if old is None
+            or policy[i] != old[i]
+            or (i in rec.producer and policy[rec.producer[i]] != old[rec.producer[i]])
+        ]
+        if changed:
+            # masks, removed channels' biases and batch norms as in plain evaluation ...
+            p.apply_policy(self.net, policy, layers=changed)
+            modules = dict(self.net.named_modules())
+            with torch.no_grad():  # ... then the refitted kept weights
+                for i in changed:
+                    producer = rec.producer.get(i)
+                    w = rec.weight(i, policy[i], None if producer is None else policy[producer])
+                    modules[p.layers[i].name].weight.copy_(w)
+        self._applied = list(policy)
+
+
+class RecoveryEvaluator(AccuracyEvaluator):
+    """``evaluation="recovery"``: a short masked fine-tuning before recalibration and scoring.
+
+    One pass of the dataset's fine-tuning recipe (:func:`finetune.default_recipe`, one
+    epoch) over the first ``recovery_samples`` images of a fixed seeded subset of the
+    ``train`` split, seed 0, masks held exactly (:func:`finetune.train_held`). With
+    ``reconstruction=True`` the fine-tuning starts from the refitted weights.
+    """
+
+    def __init__(
+        self,
+        problem: PruningProblem,
+        dataset: str,
+        data_dir=None,
+        reward_samples: int = 2048,
+        bn_recalibration_samples: int = 1024,
+        recovery_samples: int = 2048,
+        reconstruction: bool = False,
+        calibration_samples: int = 256,
+    ):
+        self.recovery_data = train_subset(dataset, recovery_samples, data_dir)
+        self.recipe = replace(default_recipe(dataset), epochs=1)
+        self._dense_state = {k: v.clone() for k, v in problem.model.state_dict().items()}
+        self._base = (
+            ReconstructionEvaluator(
+                problem, dataset, data_dir, 1, 0, calibration_samples=calibration_samples
+            )
+            if reconstruction
+            else None
+        )
+        super().__init__(problem, dataset, data_dir, reward_samples, bn_recalibration_samples)
+
+    def _apply(self, policy: tuple[int, ...]) -> None:
+        # training moves every weight: start each evaluation from the pretrained network
+        self.net.load_state_dict(self._dense_state)
+        if self._base is None:
+            self.problem.apply_policy(self.net, policy)
+        else:
+            self._base._apply(policy)
+            self.net.load_state_dict(self._base.net.state_dict())
+        masks = held_masks(self.problem, policy)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's (an agent's) RNG alone
+            train_held(self.net, masks, self.recovery_data, self.recipe, seed=0, desc="recovery")
+        self._applied = None
 
 
 def _proxy_key(problem: PruningProblem, dataset: str, evaluator: AccuracyEvaluator) -> str:

@@ -166,6 +166,54 @@ def train_subset(dataset: str, samples: int | None, data_dir=None) -> data_mod.I
     )
 
 
+def train_held(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    data: data_mod.ImageDataset,
+    recipe: Recipe,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "fine-tune",
+) -> nn.Module:
+    """Train ``model`` in place with every masked entry held at exactly zero.
+
+    Gradients of masked entries are zeroed after ``backward`` and the masks are re-applied
+    after every optimizer step (see the module docstring for why in that order). Batch norms
+    left with a cumulative average (``momentum=None``, as the env's recalibration leaves
+    them) go back to the usual running average, so their statistics follow the new weights.
+    The fine-tuning of the leaderboard and the ``recovery`` reward both train this way.
+
+    Returns:
+        ``model`` in eval mode.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None:
+            m.momentum = 0.1
+    targets = _targets(model, masks)
+
+    def mask_gradients(net: nn.Module) -> None:
+        for p, drop in targets:
+            if p.grad is not None:
+                p.grad.masked_fill_(drop, 0.0)
+
+    def hold_masks(net: nn.Module) -> None:
+        with torch.no_grad():
+            for p, drop in targets:
+                p.masked_fill_(drop, 0.0)
+
+    train(
+        model,
+        data,
+        recipe,
+        seed=seed,
+        after_step=hold_masks,
+        grad_hook=mask_gradients,
+        progress=progress,
+        desc=desc,
+    )
+    return model.eval()
+
+
 def finetune(
     env_or_record,
     policy: Sequence[int] | Sequence[str] | None = None,
@@ -205,34 +253,8 @@ def finetune(
         model = base.pruned_model(idx)
         masks = held_masks(problem, idx)
         check_masks(model, masks)
-        # the env recalibrates batch norms with a cumulative average (momentum=None); training
-        # goes back to the usual running average so the statistics follow the new weights
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None:
-                m.momentum = 0.1
-        targets = _targets(model, masks)
-
-        def mask_gradients(net: nn.Module) -> None:
-            for p, drop in targets:
-                if p.grad is not None:
-                    p.grad.masked_fill_(drop, 0.0)
-
-        def hold_masks(net: nn.Module) -> None:
-            with torch.no_grad():
-                for p, drop in targets:
-                    p.masked_fill_(drop, 0.0)
-
         data = train_subset(dataset, train_samples, kwargs.get("data_dir"))
-        train(
-            model,
-            data,
-            recipe,
-            seed=seed,
-            after_step=hold_masks,
-            grad_hook=mask_gradients,
-            progress=progress,
-            desc="fine-tune",
-        )
+        train_held(model, masks, data, recipe, seed=seed, progress=progress, desc="fine-tune")
         check_masks(model, masks)
         return model.eval(), masks
     finally:

@@ -327,7 +327,8 @@ def run_one(
     """
     import torch
 
-    from .finetune import finetune, save
+    from .finetune import save
+    from .scoring import score_policy
     from .training import accuracy
 
     workdir = Path(workdir)
@@ -430,18 +431,17 @@ def run_one(
                 f"{agent} on {task.name} seed {seed}: record accuracy {m['accuracy']} != "
                 f"measured {measured_reward_acc}"
             )
-        t1 = time.perf_counter()
-        model, masks = finetune(
+        scored = score_policy(
             env,
             actions,
             recipe,
             seed=seed,
-            progress=progress,
             train_samples=protocol.finetune_samples,
+            progress=progress,
         )
-        finetune_seconds = time.perf_counter() - t1
+        model, masks, test_acc = scored.model, scored.masks, scored.test_accuracy
+        finetune_seconds = scored.seconds
         test = data.load(dataset, "test", kw.get("data_dir"))
-        test_acc = accuracy(model, test)
         pruned_test_acc = accuracy(base.pruned_model(actions), test)
         dense_test_acc = _dense_test_accuracy(env, test)
     finally:

@@ -11,7 +11,13 @@ from gymnasium import spaces
 from torch import nn
 
 from .. import data as data_mod
-from ..evaluation import AccuracyEvaluator, ProxyEvaluator
+from ..evaluation import (
+    EVALUATIONS,
+    AccuracyEvaluator,
+    ProxyEvaluator,
+    ReconstructionEvaluator,
+    RecoveryEvaluator,
+)
 from ..features import STATIC_BASE, num_features, static_features
 from ..graph import EDGE_TYPES
 from ..patterns import Catalog, get_catalog
@@ -19,31 +25,57 @@ from ..problem import PruningProblem
 from ..records import METRICS, EpisodeRecord
 from ..rewards import check_reward, terminal_reward
 
-EVALUATIONS = ("accuracy", "proxy")
 _SHARED: dict[tuple, tuple] = {}
 
 
-def _shared_problem(model, dataset, data_dir, catalog, reward_samples, recal, evaluation, ignored):
+def _reward_evaluator(evaluation, problem, plain, dataset, data_dir, settings):
+    """The evaluator of an ``evaluation=`` mode (the plain one serves ``accuracy``)."""
+    reward_samples, recal, recovery_samples, calibration_samples = settings
+    if evaluation == "accuracy":
+        return plain
+    if evaluation == "proxy":
+        return ProxyEvaluator(plain, dataset)
+    if evaluation == "reconstruction":
+        return ReconstructionEvaluator(
+            problem, dataset, data_dir, reward_samples, recal, calibration_samples
+        )
+    return RecoveryEvaluator(
+        problem,
+        dataset,
+        data_dir,
+        reward_samples,
+        recal,
+        recovery_samples,
+        reconstruction=evaluation == "reconstruction+recovery",
+        calibration_samples=calibration_samples,
+    )
+
+
+def _shared_problem(model, dataset, data_dir, catalog, settings, evaluation, ignored):
     """Build (or reuse, for zoo models in this process) the problem and its evaluators.
 
     Envs of the same configuration (e.g. the copies inside a ``SyncVectorEnv``) share the
-    graph, masks, cost table and the policy memo; they are deterministic, so sharing is safe.
+    graph, masks, cost table and the policy memos; they are deterministic, so sharing is
+    safe. ``settings`` is ``(reward_samples, bn_recalibration_samples, recovery_samples,
+    calibration_samples)``.
     """
     key = None
     if isinstance(model, str) and isinstance(catalog, str):
-        key = (model, dataset, str(data_dir), catalog, reward_samples, recal, ignored)
+        key = (model, dataset, str(data_dir), catalog, settings, ignored)
     if key is not None and key in _SHARED:
-        problem, evaluator, static, proxy = _SHARED[key]
+        problem, plain, static, rewards = _SHARED[key]
     else:
         problem = PruningProblem(model, dataset, catalog, data_dir, ignored_layers=ignored)
-        evaluator = AccuracyEvaluator(problem, dataset, data_dir, reward_samples, recal)
+        plain = AccuracyEvaluator(problem, dataset, data_dir, settings[0], settings[1])
         static = static_features(problem)
-        proxy = None
-    if evaluation == "proxy" and proxy is None:
-        proxy = ProxyEvaluator(evaluator, dataset)
+        rewards = {}
+    if evaluation not in rewards:
+        rewards[evaluation] = _reward_evaluator(
+            evaluation, problem, plain, dataset, data_dir, settings
+        )
     if key is not None:
-        _SHARED[key] = (problem, evaluator, static, proxy)
-    return problem, evaluator, static, proxy
+        _SHARED[key] = (problem, plain, static, rewards)
+    return problem, plain, static, rewards[evaluation]
 
 
 class AutoSculptEnv(gym.Env):
@@ -89,7 +121,11 @@ class AutoSculptEnv(gym.Env):
     inside ``target ± band_tolerance``, accuracy − 1 outside), ``log_flops`` (AMC's
     ``-(1 - acc) log FLOPs``), ``tradeoff`` (``acc + tradeoff_lambda * reduction``).
     Accuracy is top-1 on the first ``reward_samples`` images of the ``reward`` split after
-    batch-norm recalibration, or the proxy model's estimate with ``evaluation="proxy"``.
+    batch-norm recalibration (``evaluation="accuracy"``), after a least-squares refit of the
+    kept weights (``"reconstruction"``), after a short masked fine-tuning (``"recovery"``,
+    ``"reconstruction+recovery"``), or the proxy model's estimate (``"proxy"``); see
+    :mod:`autosculpt_env.evaluation`. How well each ranks policies like the leaderboard
+    score is measured by ``benchmarks/reward_fidelity.py`` (README, "Reward fidelity").
     The test split is never touched.
 
     ## Starting State
@@ -118,7 +154,12 @@ class AutoSculptEnv(gym.Env):
     * ``reward_samples``: reward-split images scored, default 2048.
     * ``bn_recalibration_samples``: training images for batch-norm recalibration, default
       1024; 0 turns it off.
-    * ``evaluation``: ``accuracy`` (default) or ``proxy``.
+    * ``evaluation``: ``accuracy`` (default), ``reconstruction``, ``recovery``,
+      ``reconstruction+recovery`` or ``proxy`` (:data:`autosculpt_env.evaluation.EVALUATIONS`).
+    * ``recovery_samples``: training images of the ``recovery`` modes' short fine-tuning,
+      default 2048.
+    * ``calibration_samples``: training images whose dense activations define the
+      ``reconstruction`` refits, default 256.
     * ``band_tolerance``: half-width of the ``band`` reward's target band, default 0.05.
     * ``tradeoff_lambda``: weight of the FLOPs reduction in ``tradeoff``, default 1.0.
     * ``ignored_layers``: layer names kept dense and out of the episode (Torch-Pruning's
@@ -154,6 +195,8 @@ class AutoSculptEnv(gym.Env):
         band_tolerance: float = 0.05,
         tradeoff_lambda: float = 1.0,
         ignored_layers: list[str] | None = None,
+        recovery_samples: int = 2048,
+        calibration_samples: int = 256,
         render_mode: str | None = None,
     ):
         if render_mode is not None:
@@ -176,6 +219,8 @@ class AutoSculptEnv(gym.Env):
         for name, value, low in (
             ("reward_samples", reward_samples, 1),
             ("bn_recalibration_samples", bn_recalibration_samples, 0),
+            ("recovery_samples", recovery_samples, 1),
+            ("calibration_samples", calibration_samples, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -200,15 +245,21 @@ class AutoSculptEnv(gym.Env):
             "band_tolerance": self.band_tolerance,
             "tradeoff_lambda": self.tradeoff_lambda,
             "ignored_layers": None if ignored_layers is None else list(ignored_layers),
+            "recovery_samples": int(recovery_samples),
+            "calibration_samples": int(calibration_samples),
         }
 
-        self.problem, self.evaluator, self._static, self._proxy = _shared_problem(
+        self.problem, self.evaluator, self._static, self._reward_evaluator = _shared_problem(
             model,
             dataset,
             data_dir,
             catalog,
-            int(reward_samples),
-            int(bn_recalibration_samples),
+            (
+                int(reward_samples),
+                int(bn_recalibration_samples),
+                int(recovery_samples),
+                int(calibration_samples),
+            ),
             evaluation,
             None if ignored_layers is None else tuple(ignored_layers),
         )
@@ -383,7 +434,7 @@ class AutoSculptEnv(gym.Env):
     def _metrics(self, policy: list[int]) -> dict:
         p = self.problem
         self.num_reward_evaluations += 1
-        acc = self._proxy(policy) if self.evaluation == "proxy" else self.evaluator(policy)
+        acc = self._reward_evaluator(policy)
         flops = p.policy_flops(policy)
         params = p.policy_params(policy)
         reduction = 1.0 - flops / self.dense_flops
@@ -396,11 +447,7 @@ class AutoSculptEnv(gym.Env):
             self.band_tolerance,
             self.tradeoff_lambda,
         )
-        dense_acc = (
-            self._proxy.dense_accuracy
-            if self.evaluation == "proxy"
-            else self.evaluator.dense_accuracy
-        )
+        dense_acc = self._reward_evaluator.dense_accuracy
         return {
             "accuracy": float(acc),
             "dense_accuracy": float(dense_acc),

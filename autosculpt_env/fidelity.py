@@ -1,0 +1,478 @@
+"""Reward fidelity: how well does a reward predict the leaderboard score it stands for?
+
+A reward (an ``evaluation=`` mode of the env) is a measurement of the leaderboard score
+(:func:`autosculpt_env.scoring.score_policy`: test accuracy after the fixed fine-tuning).
+This module measures how good a measurement it is, per leaderboard task:
+
+* a fixed, stored **policy set** (:class:`PolicySet`) in two parts. The *competitive* set
+  holds the best policies that searches actually find (the committed leaderboard rows'
+  policies and the best policies of further search runs): the region where the leaderboard
+  ranks, and the set every goal is judged on. The *broad* set holds seeded random valid
+  policies and mutations of competitive ones, for context only (a wide spread of quality
+  makes any reward look good);
+* the **ground truth**: each policy's score under two fine-tuning seeds
+  (:data:`GROUND_TRUTH_SEEDS`). The rank correlation between the two seeds is the **noise
+  ceiling**, the agreement no reward can be expected to beat; a reward is compared with the
+  mean of the two;
+* per candidate reward: Spearman's ρ and Kendall's τ with the ground truth (95 % paired
+  bootstrap intervals, ``scipy.stats.bootstrap``), and its **cost** per evaluation as a
+  ratio to a bare dense forward pass over the same reward images, timed in the same run.
+
+Everything expensive is stored as it is computed, one atomic file per result, so a killed
+run loses at most the runs in flight, several runners can share a folder (a lock file per
+result), and adding a candidate recomputes no ground truth. Layout of a fidelity folder
+(default ``benchmarks/fidelity``)::
+
+    <task>/policies.json                     the stored policy set
+    <task>/ground_truth/<policy>__seed<s>.json   one fine-tuning run (test accuracy)
+    <task>/rewards/<mode>.json               one candidate's reward per policy, its cost
+    REWARD_FIDELITY.md, plots/<task>.png     the report (generated from the above)
+
+Rewards are computed on the ``reward`` split; the ``test`` split is read only by the
+ground truth (through :mod:`autosculpt_env.scoring`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .leaderboard import TASKS, Task, git_commit, load_rows
+
+GROUND_TRUTH_SEEDS: tuple[int, ...] = (1, 2)
+"""Fine-tuning seeds of the ground truth (the leaderboard seeds fine-tuning with its run's
+seed, so these are two of the seeds its rows use)."""
+
+DEFAULT_DIR = Path("benchmarks/fidelity")
+SCHEMA = 1
+
+
+def task_dir_name(task: Task) -> str:
+    return task.name
+
+
+def policy_key(actions: Sequence[str]) -> str:
+    """A short stable name for a policy (its action names hashed)."""
+    return hashlib.sha256(json.dumps(list(actions)).encode()).hexdigest()[:16]
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write JSON under a temporary name in the same folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, what: str):
+    """Load JSON with an error that names the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); delete it to recompute {what}") from None
+
+
+# ------------------------------------------------------------------------- policy sets
+@dataclass
+class PolicyEntry:
+    """One stored policy: its action names, which set it belongs to, where it came from."""
+
+    actions: list[str]
+    set: str  # "competitive" or "broad"
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return policy_key(self.actions)
+
+
+@dataclass
+class PolicySet:
+    """The fixed policies of one task, stored in ``<task>/policies.json``."""
+
+    task: Task
+    policies: list[PolicyEntry]
+
+    def add(self, actions: Sequence[str], set_name: str, source: str) -> bool:
+        """Add a policy (or a source to a stored one); a competitive entry stays competitive.
+        Returns whether the policy is new."""
+        key = policy_key(actions)
+        for p in self.policies:
+            if p.key == key:
+                if source not in p.sources:
+                    p.sources.append(source)
+                if set_name == "competitive":
+                    p.set = "competitive"
+                return False
+        self.policies.append(PolicyEntry(list(actions), set_name, [source]))
+        return True
+
+    def of(self, set_name: str) -> list[PolicyEntry]:
+        return [p for p in self.policies if p.set == set_name]
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "task": self.task.name,
+            "policies": [
+                {"actions": p.actions, "set": p.set, "sources": p.sources} for p in self.policies
+            ],
+        }
+
+    def save(self, root: Path) -> Path:
+        path = Path(root) / task_dir_name(self.task) / "policies.json"
+        atomic_write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, root: Path, task: Task) -> PolicySet:
+        path = Path(root) / task_dir_name(task) / "policies.json"
+        if not path.exists():
+            return cls(task, [])
+        d = read_json(path, "the policy set")
+        if d.get("task") != task.name or not isinstance(d.get("policies"), list):
+            raise ValueError(f"{path}: not the policy set of {task.name}")
+        out = cls(task, [])
+        for i, p in enumerate(d["policies"]):
+            acts, set_name = p.get("actions"), p.get("set")
+            if not (isinstance(acts, list) and all(isinstance(a, str) for a in acts)):
+                raise ValueError(f"{path}: policy {i} has no list of action names")
+            if set_name not in ("competitive", "broad"):
+                raise ValueError(f"{path}: policy {i} has set {set_name!r}")
+            out.policies.append(PolicyEntry(acts, set_name, [str(s) for s in p.get("sources", [])]))
+        return out
+
+
+def make_task_env(task: Task, **overrides):
+    """The task's env as the leaderboard builds it (plain ``accuracy`` evaluation unless
+    overridden)."""
+    import gymnasium as gym
+
+    import autosculpt_env  # noqa: F401  (registers the ids)
+
+    kwargs = {"target_flops_reduction": task.target_flops_reduction, **overrides}
+    return gym.make(task.env_id, **kwargs)
+
+
+def add_row_policies(ps: PolicySet, rows_dir: str | os.PathLike) -> int:
+    """Add the best policy of every committed leaderboard row of the task (competitive)."""
+    added = 0
+    for row in load_rows(rows_dir):
+        if row.get("task") == ps.task.name:
+            added += ps.add(row["policy"], "competitive", f"row:{row['row_id']}")
+    return added
+
+
+def random_valid_policy(env, rng: random.Random) -> list[int]:
+    """A uniformly random valid action per layer (the env's action mask, FLOPs wall
+    included), drawn without scoring the policy."""
+    base = env.unwrapped
+    base.reset(seed=0)
+    actions: list[int] = []
+    for t in range(base.num_layers):
+        actions.append(int(rng.choice(np.flatnonzero(base.action_masks()).tolist())))
+        if t < base.num_layers - 1:
+            base.step(actions[-1])
+    return actions
+
+
+def mutate(env, actions: Sequence[int], rng: random.Random, tries: int = 100) -> list[int] | None:
+    """Change 1-3 random layers to other valid actions, keeping the FLOPs target met."""
+    base = env.unwrapped
+    p = base.problem
+    limit = (1.0 - base.target) * base.dense_flops * (1 + 1e-12)
+    for _ in range(tries):
+        out = list(actions)
+        for layer in rng.sample(range(p.num_layers), k=min(p.num_layers, rng.randint(1, 3))):
+            out[layer] = int(rng.choice(np.flatnonzero(p.valid[layer]).tolist()))
+        if out != list(actions) and p.policy_flops(out) <= limit:
+            return out
+    return None
+
+
+def add_broad_policies(ps: PolicySet, env, random_count: int, mutation_count: int, seed: int = 0):
+    """Seeded random valid policies and mutations of the competitive set (the broad set)."""
+    rng = random.Random(seed)
+    names = env.unwrapped.action_names
+    p = env.unwrapped.problem
+    for i in range(random_count):
+        acts = random_valid_policy(env, rng)
+        ps.add([names[a] for a in acts], "broad", f"random:seed{seed}:{i}")
+    parents = ps.of("competitive")
+    for i in range(mutation_count if parents else 0):
+        parent = parents[i % len(parents)]
+        child = mutate(env, p.actions_from_names(parent.actions), rng)
+        if child is not None:
+            ps.add([names[a] for a in child], "broad", f"mutation:seed{seed}:{i}:{parent.key}")
+
+
+# ------------------------------------------------------------------------ ground truth
+def ground_truth_path(root: Path, task: Task, key: str, seed: int) -> Path:
+    return Path(root) / task_dir_name(task) / "ground_truth" / f"{key}__seed{seed}.json"
+
+
+def load_ground_truth(root: Path, task: Task) -> dict[str, dict[int, float]]:
+    """``{policy key: {fine-tuning seed: test accuracy}}`` of the stored ground truth."""
+    out: dict[str, dict[int, float]] = {}
+    folder = Path(root) / task_dir_name(task) / "ground_truth"
+    for path in sorted(folder.glob("*.json")) if folder.exists() else []:
+        d = read_json(path, "this ground-truth run")
+        acc = d.get("test_accuracy")
+        if (
+            d.get("task") != task.name
+            or policy_key(d.get("actions", [])) != d.get("key")
+            or path.name != f"{d.get('key')}__seed{d.get('seed')}.json"
+            or not isinstance(acc, float)
+            or not 0.0 <= acc <= 1.0
+        ):
+            raise ValueError(f"{path}: not a valid ground-truth run of {task.name}; delete it")
+        out.setdefault(d["key"], {})[int(d["seed"])] = acc
+    return out
+
+
+def import_row_ground_truth(root: Path, task: Task, rows_dir: str | os.PathLike) -> int:
+    """Store the test accuracies of committed leaderboard rows as ground-truth runs.
+
+    A row is the same computation as a ground-truth run when its fine-tuning seed is one of
+    :data:`GROUND_TRUTH_SEEDS`, its recipe is the default one on the whole ``train`` split
+    and it ran on one thread (fine-tuning on one thread is deterministic: recomputed runs
+    reproduce such rows' test accuracy exactly, which :func:`check_row_agreement` reports).
+    Returns the number of runs imported.
+    """
+    from .finetune import default_recipe
+
+    n = 0
+    for row in load_rows(rows_dir):
+        seed = row.get("seed")
+        if row.get("task") != task.name or seed not in GROUND_TRUTH_SEEDS:
+            continue
+        if (
+            row.get("finetune_recipe") != default_recipe(row["dataset"]).to_dict()
+            or row.get("finetune_samples") is not None
+            or row.get("protocol", {}).get("threads") != 1
+        ):
+            continue
+        key = policy_key(row["policy"])
+        path = ground_truth_path(root, task, key, seed)
+        if path.exists():
+            continue
+        atomic_write_json(
+            path,
+            {
+                "schema": SCHEMA,
+                "task": task.name,
+                "key": key,
+                "actions": list(row["policy"]),
+                "seed": seed,
+                "test_accuracy": float(row["test_accuracy"]),
+                "recipe": row["finetune_recipe"],
+                "seconds": row.get("finetune_seconds"),
+                "threads": 1,
+                "source": f"row:{row['row_id']}",
+                "git_commit": row.get("git_commit"),
+                "git_dirty": row.get("git_dirty"),
+            },
+        )
+        n += 1
+    return n
+
+
+def check_row_agreement(root: Path, task: Task, rows_dir: str | os.PathLike) -> list[tuple]:
+    """``(row id, seed, row test accuracy, recomputed)`` for every row whose policy and seed
+    also have a ground-truth run computed here (not imported)."""
+    computed = {}
+    folder = Path(root) / task_dir_name(task) / "ground_truth"
+    for path in sorted(folder.glob("*.json")) if folder.exists() else []:
+        d = read_json(path, "this ground-truth run")
+        if "source" not in d:
+            computed[(d["key"], d["seed"])] = d["test_accuracy"]
+    out = []
+    for row in load_rows(rows_dir):
+        k = (policy_key(row["policy"]), row.get("seed"))
+        if row.get("task") == task.name and k in computed:
+            out.append((row["row_id"], row["seed"], row["test_accuracy"], computed[k]))
+    return out
+
+
+class _Lock:
+    """An exclusive lock file beside a result: a second runner skips that result. A lock
+    left by a dead process of this host is taken over."""
+
+    def __init__(self, path: Path):
+        self.path = Path(str(path) + ".lock")
+        self.held = False
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    host, _, pid = self.path.read_text().partition(":")
+                    stale = host == socket.gethostname() and not _alive(int(pid))
+                except (OSError, ValueError):
+                    stale = False
+                if not stale:
+                    return False
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return True
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_ENVS: dict[tuple, object] = {}
+
+
+def _task_env(task: Task, **overrides):
+    key = (task, tuple(sorted(overrides.items())))
+    if key not in _ENVS:
+        _ENVS[key] = make_task_env(task, **overrides)
+    return _ENVS[key]
+
+
+def ground_truth_one(root: Path, task: Task, actions: Sequence[str], seed: int) -> str:
+    """Fine-tune one policy with one seed and store its test accuracy (skips a stored or
+    locked one). Returns ``"done"``, ``"stored"`` or ``"locked"``."""
+    import torch
+
+    from .scoring import score_policy
+
+    key = policy_key(actions)
+    path = ground_truth_path(root, task, key, seed)
+    if path.exists():
+        return "stored"
+    lock = _Lock(path)
+    if not lock.acquire():
+        return "locked"
+    try:
+        if path.exists():
+            return "stored"
+        env = _task_env(task)
+        s = score_policy(env, list(actions), seed=seed)
+        commit, dirty = git_commit()
+        atomic_write_json(
+            path,
+            {
+                "schema": SCHEMA,
+                "task": task.name,
+                "key": key,
+                "actions": list(actions),
+                "seed": seed,
+                "test_accuracy": float(s.test_accuracy),
+                "recipe": s.recipe.to_dict(),
+                "seconds": round(s.seconds, 2),
+                "threads": torch.get_num_threads(),
+                "git_commit": commit,
+                "git_dirty": dirty,
+            },
+        )
+        return "done"
+    finally:
+        lock.release()
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _gt_worker(args) -> tuple[str, str, int, str, float]:
+    root, task, actions, seed = args
+    t0 = time.perf_counter()
+    status = ground_truth_one(root, task, actions, seed)
+    return task.name, policy_key(actions), seed, status, time.perf_counter() - t0
+
+
+def ground_truth_jobs(
+    root: Path, tasks: Iterable[Task], sets: Sequence[str], seeds: Sequence[int]
+) -> list[tuple]:
+    """The ground-truth runs still missing, task by task, both seeds of a policy together."""
+    todo = []
+    for task in tasks:
+        ps = PolicySet.load(root, task)
+        for set_name in sets:
+            for p in ps.of(set_name):
+                for seed in seeds:
+                    if not ground_truth_path(root, task, p.key, seed).exists():
+                        todo.append((Path(root), task, p.actions, seed))
+    return todo
+
+
+def run_ground_truth(
+    root: Path,
+    tasks: Iterable[Task] = TASKS,
+    sets: Sequence[str] = ("competitive", "broad"),
+    seeds: Sequence[int] = GROUND_TRUTH_SEEDS,
+    jobs: int = 1,
+    threads: int = 1,
+    progress: bool = True,
+) -> int:
+    """Compute every missing ground-truth run (resumable; safe to run twice at once)."""
+    import multiprocessing as mp
+
+    from tqdm.auto import tqdm
+
+    todo = ground_truth_jobs(root, list(tasks), sets, seeds)
+    if not todo:
+        return 0
+    done = 0
+    bar = tqdm(total=len(todo), desc="ground truth (fine-tuning runs)", disable=not progress)
+    if jobs <= 1:
+        _init_worker(threads)
+        results = map(_gt_worker, todo)
+        pool = None
+    else:
+        pool = mp.get_context("spawn").Pool(jobs, _init_worker, (threads,))
+        results = pool.imap(_gt_worker, todo)
+    try:
+        for name, key, seed, status, seconds in results:
+            done += status == "done"
+            bar.update(1)
+            bar.write(f"{name} {key} seed {seed}: {status} ({seconds:.0f} s)")
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    return done
+
+
+# ------------------------------------------------------------------------- stubs filled below
+SEARCH_AGENTS: tuple[str, ...] = ("ppo_gnn", "ppo_mlp", "ddpg_amc", "random_search")

@@ -1,0 +1,86 @@
+"""Reward fidelity: how well each reward (``evaluation=`` mode) predicts the leaderboard score.
+
+The logic lives in :mod:`autosculpt_env.fidelity`; this script runs its stages. Every stage
+is resumable and stores each result as it is computed, so it can run in several parts::
+
+    python benchmarks/reward_fidelity.py                       # report from stored results
+    python benchmarks/reward_fidelity.py --policies            # build / extend the policy sets
+    python benchmarks/reward_fidelity.py --ground-truth --jobs 2   # fine-tuning runs (hours)
+    python benchmarks/reward_fidelity.py --rewards accuracy reconstruction recovery
+
+The report (``benchmarks/fidelity/REWARD_FIDELITY.md`` and one scatter plot per task in
+``benchmarks/fidelity/plots/``) is regenerated at the end of every invocation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+from autosculpt_env import fidelity
+from autosculpt_env.leaderboard import TASKS, Task
+
+
+@dataclass
+class Args:
+    tasks: list[str] = field(default_factory=lambda: [t.name for t in TASKS])
+    """tasks (ENV_ID@TARGET), in the order they are worked on"""
+    root: Path = fidelity.DEFAULT_DIR
+    """the fidelity folder (policy sets, ground truth, rewards, report)"""
+    policies: bool = False
+    """build or extend the policy sets (committed rows, search runs, random and mutations)"""
+    rows: Path = Path("benchmarks/rows")
+    """leaderboard rows whose best policies join the competitive set"""
+    searches: list[str] = field(default_factory=lambda: list(fidelity.SEARCH_AGENTS))
+    """agents whose best policies (proxy-mode search runs) join the competitive set"""
+    search_seeds: list[int] = field(default_factory=lambda: [11, 12, 13, 14])
+    """seeds of those search runs"""
+    broad_random: int = 12
+    """seeded random valid policies in the broad set"""
+    broad_mutations: int = 12
+    """mutations of competitive policies in the broad set"""
+    ground_truth: bool = False
+    """run the missing fine-tuning runs (the leaderboard's score under two seeds)"""
+    sets: list[str] = field(default_factory=lambda: ["competitive", "broad"])
+    """which policy sets get ground truth, in this order"""
+    rewards: list[str] = field(default_factory=list)
+    """candidate rewards (evaluation modes) to compute for every stored policy"""
+    jobs: int = 2
+    """parallel processes for the ground truth"""
+    threads: int = 1
+    """torch threads per process"""
+    progress: bool = True
+    """show progress bars"""
+
+
+def main(args: Args) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    tasks = [Task.parse(t) for t in args.tasks]
+    if args.policies:
+        for task in tasks:
+            fidelity.build_policy_set(
+                args.root,
+                task,
+                rows_dir=args.rows,
+                agents=args.searches,
+                seeds=args.search_seeds,
+                broad_random=args.broad_random,
+                broad_mutations=args.broad_mutations,
+                progress=args.progress,
+            )
+    if args.ground_truth:
+        fidelity.run_ground_truth(
+            args.root, tasks, args.sets, jobs=args.jobs, threads=args.threads, progress=args.progress
+        )
+    for mode in args.rewards:
+        for task in tasks:
+            fidelity.compute_rewards(args.root, task, mode, threads=args.threads, progress=args.progress)
+    out = fidelity.write_report(args.root, tasks)
+    print(f"report: {out}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

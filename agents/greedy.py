@@ -28,7 +28,7 @@ import tyro
 from tqdm.auto import tqdm
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
-from autosculpt_env.tracking import BestEpisode, Budget, finish_run, start_run
+from autosculpt_env.tracking import BestEpisode, Budget, check_args, finish_run, start_run
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Args:
     dataset: str | None = None
     """override the env's dataset (e.g. digits for a fast twin)"""
     evaluation: str | None = None
-    """override the env's evaluation: accuracy or proxy"""
+    """override the env's evaluation mode (autosculpt_env.evaluation.EVALUATIONS)"""
     target_flops_reduction: float | None = None
     """override the env's FLOPs-reduction target"""
     catalog: str | None = None
@@ -168,6 +168,7 @@ class Allocator:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_args(args)
     run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir, writer = start_run(
         args, run_name, args.output_dir, args.track, args.wandb_project_name, args.wandb_entity
@@ -314,3 +315,4 @@ if __name__ == "__main__":
         f"{args.env_id}: {global_step} env steps, {budget.reward_evaluations} reward evaluations, {time.time() - start_time:.0f}s"
     )
     print(best.summary())
+    raise SystemExit(best.exit_status(budget))

@@ -16,7 +16,7 @@ from torch.distributions.categorical import Categorical
 from tqdm.auto import tqdm
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
-from autosculpt_env.tracking import BestEpisode, Budget, finish_run, start_run
+from autosculpt_env.tracking import BestEpisode, Budget, check_args, finish_run, start_run
 from autosculpt_env.wrappers import FlatObservation
 
 
@@ -51,7 +51,7 @@ class Args:
     dataset: str | None = None
     """override the env's dataset (e.g. digits for a fast twin)"""
     evaluation: str | None = None
-    """override the env's evaluation: accuracy or proxy"""
+    """override the env's evaluation mode (autosculpt_env.evaluation.EVALUATIONS)"""
     target_flops_reduction: float | None = None
     """override the env's FLOPs-reduction target"""
     catalog: str | None = None
@@ -169,6 +169,7 @@ class Agent(nn.Module):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_args(args)
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
@@ -406,3 +407,4 @@ if __name__ == "__main__":
         f"{args.env_id}: {global_step} env steps, {budget.reward_evaluations} reward evaluations, {time.time() - start_time:.0f}s"
     )
     print(best.summary())
+    raise SystemExit(best.exit_status(budget))

@@ -21,6 +21,28 @@ import sys
 import torch
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--threads 0`` would fail deep inside torch)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a tolerance in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
 def _cmd_zoo_list(args: argparse.Namespace) -> int:
     from . import zoo
 
@@ -135,17 +157,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- evaluate
 def _load_record(path: str):
     """An EpisodeRecord from a record file, a leaderboard row, or a fine-tuned folder."""
-    from pathlib import Path
+    from .records import load_record
 
-    from .records import EpisodeRecord
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "record.json"
-    d = json.loads(p.read_text())
-    if "record" in d and "row_id" in d:  # a leaderboard row
-        d = d["record"]
-    return EpisodeRecord.from_json(json.dumps(d))
+    return load_record(path)  # every field checked; errors name the file
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -160,7 +174,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         ok, why = False, str(e)
         from .records import make_env
 
-        env = make_env(record)
+        env = make_env(record, check=False)  # show what the actions give, side by side
         info = env.unwrapped.evaluate_policy(record.actions)
         env.close()
     from .records import METRICS as keys
@@ -195,18 +209,33 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from . import finetune as ft
-    from .records import make_env
+    from .records import METRICS, compare_metrics, make_env, reward_function
     from .training import accuracy
 
     torch.set_num_threads(args.threads)
+    for name in ("epochs", "samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
     record = _load_record(args.record)
     recipe = ft.default_recipe(record.env_kwargs.get("dataset", "fashion-mnist"))
     changes = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
     recipe = replace(recipe, **changes)
-    env = make_env(record)
+    env = make_env(record)  # refuses metrics that do not follow from the actions
     try:
         base = env.unwrapped
         actions = base.problem.actions_from_names(record.actions)
+        # the output record shows measured numbers, never the input's: measure them all
+        fresh = base.evaluate_policy(actions)
+        wrong = compare_metrics(record.metrics, fresh, reward_of=reward_function(base)(fresh))
+        if wrong:
+            raise ValueError(
+                f"{args.record}: the record's metrics disagree with its actions: "
+                + "; ".join(wrong)
+            )
+        record.metrics = {k: fresh[k] for k in METRICS}
         # a held-out check on the reward split (never the test split): the env's own
         # measurement of the pruned network, then the fine-tuned one on the same images
         before = float(base.evaluator(actions))
@@ -260,7 +289,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if not rows:
         print("autosculpt validate: no rows found", file=sys.stderr)
         return 1
-    results = lb.validate(rows, accuracy_tolerance=args.tolerance)
+    results = lb.validate(rows, accuracy_tolerance=args.tolerance, full=args.full)
     for r in results:
         print(
             f"{'OK  ' if r['ok'] else 'FAIL'} {r['row_id']}"
@@ -320,8 +349,8 @@ def _add_leaderboard_parser(sub) -> None:
     p.add_argument(
         "--finetune-samples", type=int, default=None, help="fine-tune on this many train images"
     )
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads per run")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="runs at a time")
     p.add_argument(
         "--agent-timeout",
         type=float,
@@ -362,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data-dir", default=None, help="dataset folder")
     tr.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     tr.add_argument("--seed", type=int, default=None, help="override the entry's seed")
-    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    tr.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     tr.set_defaults(func=_cmd_zoo_train)
 
     info = sub.add_parser(
@@ -378,8 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
         "reward-split accuracy (within --tolerance) with the recorded metrics.",
     )
     ev.add_argument("record", help="record JSON (best.json), leaderboard row, or fine-tuned folder")
-    ev.add_argument("--tolerance", type=float, default=1e-3, help="accuracy tolerance (fraction)")
-    ev.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ev.add_argument(
+        "--tolerance", type=_fraction, default=1e-3, help="accuracy tolerance (fraction)"
+    )
+    ev.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
     ev.add_argument("--json", action="store_true", help="print as JSON")
     ev.set_defaults(func=_cmd_evaluate)
 
@@ -399,19 +430,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", type=int, default=None, help="train on a subset of this many images"
     )
     ft.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
-    ft.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ft.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     ft.set_defaults(func=_cmd_finetune)
 
     va = sub.add_parser(
         "validate",
         help="replay leaderboard rows; exit code 1 on any mismatch",
-        description="Check each row against its episode record and replay the record: FLOPs "
-        "exactly, reward-split accuracy within --tolerance.",
+        description="Check each row's fields against its episode record and protocol, replay "
+        "the record (FLOPs, parameters and pruning rate exactly, reward-split accuracies within "
+        "--tolerance) and measure the dense test accuracy again. --full also re-measures the "
+        "test accuracies, fine-tuning every row again (slow). See docs/CHECKS.md.",
     )
     va.add_argument("rows", nargs="+", help="rows folders and/or row files")
-    va.add_argument("--tolerance", type=float, default=1e-3, help="accuracy tolerance (fraction)")
-    va.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    va.add_argument(
+        "--tolerance", type=_fraction, default=1e-3, help="accuracy tolerance (fraction)"
+    )
+    va.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
+    va.add_argument(
+        "--full",
+        action="store_true",
+        help="also fine-tune every row again and check its test accuracies (slow)",
+    )
     va.set_defaults(func=_cmd_validate)
 
     _add_leaderboard_parser(sub)

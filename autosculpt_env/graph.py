@@ -48,6 +48,7 @@ from __future__ import annotations
 import operator
 import os
 import traceback
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -792,6 +793,23 @@ def build_graph(
         and calls[str(n.target)] == 1
         and str(n.target) not in ignored
     }
+    reused = sorted(
+        {
+            str(n.target)
+            for n in kept
+            if n.op == "call_module"
+            and isinstance(nodes[kept[n]].module, nn.Conv2d | nn.Linear)
+            and calls[str(n.target)] > 1
+            and str(n.target) not in ignored
+        }
+    )
+    if reused:
+        warnings.warn(
+            f"{type(model).__name__}: {', '.join(f'{m} ({calls[m]} calls)' for m in reused)} "
+            "called more than once in forward; such a layer is left out of the episode (kept "
+            "dense, its FLOPs fixed). Give each call its own module to make it prunable.",
+            stacklevel=2,
+        )
     layer_nodes = list(layer_of_node)
     layers = list(layer_of_node.values())
 

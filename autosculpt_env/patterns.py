@@ -235,9 +235,24 @@ class Catalog:
         extra = {} if num_heads is None else {"num_heads": num_heads, "head_axis": head_axis}
         with torch.no_grad():
             keep = act.rule(weight.detach(), kind, scores=scores, **extra)
+        where = f"the rule of action {act.name!r} (catalog {self.name!r})"
+        if not isinstance(keep, torch.Tensor):
+            raise ValueError(
+                f"{where} returned {type(keep).__name__}; a rule must return a torch.bool "
+                f"keep-mask of the weight's shape {tuple(weight.shape)}"
+            )
+        if keep.dtype != torch.bool:
+            # a float 0.5 would cast to True: an action that declares sparsity and prunes nothing
+            raise ValueError(
+                f"{where} returned a {keep.dtype} tensor; a rule must return a torch.bool "
+                "keep-mask (True = kept), e.g. `scores > threshold`"
+            )
         if keep.shape != weight.shape:
-            raise ValueError(f"rule of {act.name!r} returned shape {tuple(keep.shape)}")
-        return keep.to(device=weight.device, dtype=torch.bool)
+            raise ValueError(
+                f"{where} returned shape {tuple(keep.shape)}; the weight's shape is "
+                f"{tuple(weight.shape)}"
+            )
+        return keep.to(device=weight.device)
 
 
 # ---------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ Conventions:
 from __future__ import annotations
 
 import copy
+import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -91,6 +93,56 @@ def output_layers(graph: NetGraph) -> list[str]:
     return sorted(out, key=graph.layers.index)
 
 
+def check_model_tensors(model: nn.Module, name: str) -> None:
+    """Refuse a network the env cannot run as given, naming the dtype or device.
+
+    The env feeds float32 images on the CPU; a half, float64, GPU or meta-device network
+    would otherwise fail in its first forward pass with advice about the input shape.
+    """
+    for pname, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            raise ValueError(
+                f"model {name} has tensors on the meta device ({pname}): it holds no weights; "
+                "materialize and load them first (model.to_empty(device='cpu') and "
+                "load_state_dict)"
+            )
+        if t.device.type != "cpu":
+            raise ValueError(
+                f"model {name} has tensors on {t.device} ({pname}); the env runs on the CPU: "
+                "pass model.cpu()"
+            )
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise ValueError(
+                f"model {name} has {t.dtype} tensors ({pname}); the env feeds float32 "
+                "images: pass model.float()"
+            )
+
+
+def check_tied_weights(model: nn.Module, layers: Sequence[str], ignored: Sequence[str]) -> None:
+    """Refuse prunable layers whose weight or bias is shared with another module.
+
+    Pruning a tied weight prunes every module that uses it, while the env scores one
+    decision per layer: the same policy would score differently depending on which layer
+    was written last. Tied layers must be untied or all kept out of the episode.
+    """
+    owners: dict[object, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        key = p.untyped_storage().data_ptr() or id(p)
+        owners.setdefault(key, []).append(pname)
+    for layer in layers:
+        for pname in (f"{layer}.weight", f"{layer}.bias"):
+            names = next((v for v in owners.values() if pname in v), [])
+            if len(names) > 1:
+                modules = sorted({n.rsplit(".", 1)[0] for n in names})
+                prunable = [m for m in modules if m not in ignored]
+                raise ValueError(
+                    f"layers {', '.join(modules)} share one tensor ({' is '.join(names)}): "
+                    "pruning it would prune all of them, but the env decides each layer "
+                    "separately. Untie them (give each its own nn.Parameter) or keep them "
+                    f"dense with ignored_layers=[..., {', '.join(map(repr, prunable))}]"
+                )
+
+
 class PruningProblem:
     """Graph, masks and cost table of one network under one pattern catalog.
 
@@ -115,6 +167,7 @@ class PruningProblem:
         self.dataset_info = data_mod.info(dataset)
         self.catalog = get_catalog(catalog)
         self.model, self.model_name = resolve_model(model, dataset, data_dir)
+        check_model_tensors(self.model, self.model_name)
         info = self.dataset_info
         self.example_inputs = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
         try:
@@ -141,7 +194,11 @@ class PruningProblem:
             )
         self.ignored_layers = list(ignored_layers)
         if self.ignored_layers:
-            graph = build_graph(self.model, self.example_inputs, ignored_layers=self.ignored_layers)
+            with warnings.catch_warnings():  # the first build has warned already
+                warnings.simplefilter("ignore")
+                graph = build_graph(
+                    self.model, self.example_inputs, ignored_layers=self.ignored_layers
+                )
         if not graph.layers:
             raise ValueError(
                 f"model {self.model_name} has no prunable layer left (ignored: {self.ignored_layers})"
@@ -169,6 +226,7 @@ class PruningProblem:
                 dtype=bool,
             )
             self.layers.append(layer)
+        check_tied_weights(self.model, self.graph.layers, self.ignored_layers)
         self.num_layers = len(self.layers)
         self.num_actions = len(self.catalog)
         self.valid = np.stack([layer.valid for layer in self.layers])  # (L, P)
@@ -245,6 +303,35 @@ class PruningProblem:
                     f"action {a!r} is not valid for layer {self.layers[i].name} "
                     f"({self.layers[i].kind}); valid actions: {names}"
                 )
+
+    def policy_indices(self, policy: Sequence[int] | Sequence[str]) -> list[int]:
+        """Action indices from a policy of action names or of indices (not a mix).
+
+        Raises:
+            ValueError: names and indices are mixed, or a name is unknown.
+            TypeError: an entry is neither a name nor an integer.
+        """
+        policy = list(policy)
+        names = [isinstance(a, str) for a in policy]
+        if any(names) and not all(names):
+            i = names.index(False) if names[0] else names.index(True)
+            raise ValueError(
+                f"a policy is all action names or all action indices, not a mix: entry {i} "
+                f"is {policy[i]!r} but entry 0 is {policy[0]!r}"
+            )
+        if policy and all(names):
+            return self.actions_from_names(policy)
+        out = []
+        for i, a in enumerate(policy):
+            if isinstance(a, np.ndarray) and a.ndim == 0:
+                a = a.item()
+            if isinstance(a, bool | np.bool_) or not isinstance(a, numbers.Integral):
+                raise TypeError(
+                    f"policy entry {i} must be an action index (int) or name (str), got "
+                    f"{type(a).__name__} {a!r}"
+                )
+            out.append(int(a))
+        return out
 
     def actions_from_names(self, names: Sequence[str]) -> list[int]:
         """Map action names (as in an episode record) to indices, with a clear error."""

@@ -22,14 +22,34 @@ import numpy as np
 
 from .records import EpisodeRecord
 
+#: seconds wandb may take to start online, and to reach its server before we go offline
+WANDB_INIT_TIMEOUT_S = 15
+WANDB_PROBE_TIMEOUT_S = 3
+
+
+def _wandb_reachable(timeout: float = WANDB_PROBE_TIMEOUT_S) -> bool:
+    """A TCP connection to wandb's server opens within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "api.wandb.ai", port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
 
 def _wandb_can_go_online() -> bool:
     if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
         return False
-    if os.environ.get("WANDB_API_KEY"):
-        return True
     netrc = Path.home() / ".netrc"
-    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    )
+    # a key without a network would stall wandb.init for its whole timeout: probe first
+    return has_key and _wandb_reachable()
 
 
 def start_run(
@@ -64,7 +84,7 @@ def start_run(
                 dir=str(run_dir),
                 mode=mode,
                 save_code=True,
-                settings=wandb.Settings(init_timeout=60, silent=True),
+                settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, silent=True),
             )
             if mode == "offline":
                 print(
@@ -91,6 +111,40 @@ def finish_run(writer, track: bool) -> None:
             wandb.finish()
         except Exception as e:
             warnings.warn(f"wandb did not finish cleanly ({e})", stacklevel=2)
+
+
+def check_args(args) -> None:
+    """Refuse settings no run can use, before any work (an agent's first call).
+
+    Checks ``threads`` (>= 1), ``max_reward_evaluations`` (``None`` or >= 1) and
+    ``env_id`` (a registered id), where ``args`` has them.
+
+    Raises:
+        SystemExit: with a one-line message naming the option and the fix.
+    """
+    threads = getattr(args, "threads", 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise SystemExit(f"error: --threads must be an integer >= 1, got {threads!r}")
+    budget = getattr(args, "max_reward_evaluations", None)
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
+    ):
+        raise SystemExit(
+            f"error: --max-reward-evaluations must be an integer >= 1 (or omitted), got {budget!r}"
+        )
+    env_id = getattr(args, "env_id", None)
+    if env_id is not None:
+        from gymnasium.envs.registration import registry
+
+        import autosculpt_env  # noqa: F401  (registers the ids)
+
+        from .records import registered_ids
+
+        if env_id not in registry or ":" in env_id:
+            raise SystemExit(
+                f"error: --env-id {env_id!r} is not a registered env id; AutoSculpt ids: "
+                f"{', '.join(registered_ids())}"
+            )
 
 
 class Budget:
@@ -150,6 +204,25 @@ class BestEpisode:
             self.record.save(self.path)
         self.history.append((evaluations, self.reward))
         return improved
+
+    def exit_status(self, budget: Budget | None = None) -> int:
+        """0 when a best episode was recorded; else 1, after saying why on stderr.
+
+        A search that finished no episode (e.g. a budget of reward evaluations below the
+        number of parallel envs) wrote no ``best.json``: it must not look like a success.
+        """
+        if self.record is not None:
+            return 0
+        import sys
+
+        spent = "" if budget is None else f" ({budget.reward_evaluations} reward evaluations)"
+        print(
+            f"error: the search finished no episode{spent}, so no {self.path} was written; "
+            "give it a larger --max-reward-evaluations (at least --num-envs for vector "
+            "agents) or more steps",
+            file=sys.stderr,
+        )
+        return 1
 
     def summary(self) -> str:
         if self.record is None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import data as data_mod
 from .models import build
+from .records import default_file_mode
 from .training import Recipe, accuracy, train
 
 SHIPPED_DIR = Path(__file__).parent / "zoo_weights"
@@ -145,29 +146,60 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _candidates(e: ZooEntry) -> list[Path]:
-    return [SHIPPED_DIR / f"{e.key}.safetensors", cache_dir() / "zoo" / f"{e.key}.safetensors"]
+def weights_dirs(weights_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Folders searched for zoo weights, in order: ``weights_dir``, ``$AUTOSCULPT_ZOO_DIR``,
+    the shipped ``zoo_weights`` and the cache (``$AUTOSCULPT_CACHE/zoo``)."""
+    dirs = [Path(d) for d in (weights_dir, os.environ.get("AUTOSCULPT_ZOO_DIR")) if d]
+    return [*dirs, SHIPPED_DIR, cache_dir() / "zoo"]
 
 
-def find(model: str, dataset: str) -> tuple[Path, dict] | None:
+def _read_manifest(man: Path, e: ZooEntry) -> dict:
+    fix = f"delete it and run `autosculpt zoo train --model {e.model} --dataset {e.dataset} --out {man.parent}`"
+    try:
+        manifest = json.loads(man.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ZooError(f"zoo manifest {man} cannot be read ({err}); {fix}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str):
+        raise ZooError(f"zoo manifest {man} is not a manifest (no sha256); {fix}")
+    return manifest
+
+
+def find(
+    model: str, dataset: str, weights_dir: str | os.PathLike | None = None
+) -> tuple[Path, dict] | None:
     """Return ``(weights_path, manifest)`` of the first stored copy of an entry, or ``None``.
 
-    A cached copy whose manifest describes another architecture config (written by an
-    older version of the entry) is passed over, so it is retrained rather than misloaded.
+    Searches :func:`weights_dirs`. In the cache, an incomplete pair (a training run killed
+    between its two renames) or a copy whose manifest describes another architecture config
+    (an older version of the entry) is passed over, so it is retrained rather than
+    misloaded; anywhere else either is an error naming the files and the fix.
     """
     e = entry(model, dataset)
-    for path in _candidates(e):
+    cache = cache_dir() / "zoo"
+    for folder in weights_dirs(weights_dir):
+        path = folder / f"{e.key}.safetensors"
         man = path.with_suffix(".json")
-        if path.exists() and man.exists():
-            manifest = json.loads(man.read_text())
-            if manifest.get("arch") == e.arch and manifest.get("config") == e.config:
-                return path, manifest
-            if path.parent == SHIPPED_DIR:
-                raise ZooError(
-                    f"{man} describes {manifest.get('arch')}{manifest.get('config')} but the zoo "
-                    f"entry is {e.arch}{e.config}; retrain with `autosculpt zoo train --model "
-                    f"{model} --dataset {dataset} --out {SHIPPED_DIR}`."
-                )
+        if not path.exists() and not man.exists():
+            continue
+        in_cache = folder == cache
+        if not (path.exists() and man.exists()):
+            if in_cache:
+                continue
+            have, lack = (path, man) if path.exists() else (man, path)
+            raise ZooError(
+                f"{have} has no {lack.name} beside it (weights and manifest come in pairs); "
+                f"rewrite both with `autosculpt zoo train --model {model} --dataset {dataset} "
+                f"--out {folder}`"
+            )
+        manifest = _read_manifest(man, e)
+        if manifest.get("arch") == e.arch and manifest.get("config") == e.config:
+            return path, manifest
+        if not in_cache:
+            raise ZooError(
+                f"{man} describes {manifest.get('arch')}{manifest.get('config')} but the zoo "
+                f"entry is {e.arch}{e.config}; retrain with `autosculpt zoo train --model "
+                f"{model} --dataset {dataset} --out {folder}`."
+            )
     return None
 
 
@@ -195,6 +227,7 @@ def load(
     data_dir: str | os.PathLike | None = None,
     train_if_missing: bool | None = None,
     progress: bool = False,
+    weights_dir: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Return the pretrained network of a zoo entry, in eval mode, offline.
 
@@ -205,26 +238,30 @@ def load(
         train_if_missing: train and cache the entry when no weights are stored. Defaults
             to ``True`` for digits (under a minute) and ``False`` otherwise.
         progress: show a progress bar when training.
+        weights_dir: a folder of weights and manifests searched first (as is
+            ``$AUTOSCULPT_ZOO_DIR``, which also reaches ``gym.make``); see :func:`weights_dirs`.
 
     Raises:
         ZooError: weights missing (with the command that makes them) or not matching the
             manifest's sha256.
     """
     e = entry(model, dataset)
-    found = find(model, dataset)
+    found = find(model, dataset, weights_dir)
     if found is None:
         if train_if_missing is None:
             train_if_missing = dataset == "digits"
         if not train_if_missing:
             raise ZooError(
-                f"no weights for {model}/{dataset} in {SHIPPED_DIR} or {cache_dir() / 'zoo'}. "
+                f"no weights for {model}/{dataset} in "
+                f"{', '.join(map(str, weights_dirs(weights_dir)))}. "
                 f"Train them with `autosculpt zoo train --model {model} --dataset {dataset}`."
             )
         train_entry(
             model, dataset, out_dir=cache_dir() / "zoo", data_dir=data_dir, progress=progress
         )
-        found = find(model, dataset)
-        assert found is not None
+        found = find(model, dataset, weights_dir)
+        if found is None:
+            raise ZooError(f"training {model}/{dataset} wrote no weights to {cache_dir() / 'zoo'}")
     path, manifest = found
     digest = sha256(path)
     if digest != manifest["sha256"]:
@@ -234,8 +271,16 @@ def load(
             f"{model} --dataset {dataset}`."
         )
     net = e.build()
-    state = load_file(str(path))
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        state = load_file(str(path))
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except Exception as err:  # safetensors' own error types, or a size mismatch
+        raise ZooError(
+            f"{path} matches its manifest's sha256 but is not a loadable safetensors file for "
+            f"{e.arch}{e.config} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"delete it and {path.with_suffix('.json').name} and run `autosculpt zoo train "
+            f"--model {model} --dataset {dataset} --out {path.parent}`"
+        ) from None
     if missing or unexpected:
         raise ZooError(
             f"{path} does not fit {e.arch}{e.config}: missing {missing}, unexpected {unexpected}"
@@ -280,6 +325,7 @@ def train_entry(
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".safetensors.tmp")
     os.close(fd)
+    os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would keep a shared cache private
     save_file(state, tmp, metadata={"model": model, "dataset": dataset, "arch": e.arch})
     manifest = {
         "model": model,

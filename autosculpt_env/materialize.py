@@ -456,30 +456,74 @@ def _pattern_plan(module: nn.Module, mask: torch.Tensor) -> list[tuple] | None:
     return blocks
 
 
+def _part_keys(blocks: Sequence[tuple | None], min_part: int) -> list[tuple]:
+    """The block each filter is computed with, after merging small parts.
+
+    Every block ends at the kernel's last row and column, so block ``a`` fits inside block
+    ``b`` when ``a`` starts no earlier in both directions. A part with fewer than
+    ``min_part`` filters joins the smallest other part whose block holds its own (or, if
+    none does, grows to the smallest block holding both it and the next smallest part): a
+    convolution call costs a fixed overhead that a few filters do not repay. Zero filters
+    (removed but not cut) ride along with the smallest part; their weights stay zero.
+    """
+
+    def area(k: tuple) -> int:
+        return k[2] * k[3]
+
+    def holds(big: tuple, small: tuple) -> bool:
+        return big[0] <= small[0] and big[1] <= small[1]
+
+    keys = list(blocks)
+    live = [k for k in keys if k is not None]
+    if not live:
+        raise MaterializeError("a pattern layer needs at least one kept filter")
+    while True:
+        counts: dict[tuple, int] = {}
+        for k in keys:
+            if k is not None:
+                counts[k] = counts.get(k, 0) + 1
+        small = [k for k in counts if counts[k] < min_part]
+        if len(counts) == 1 or not small:
+            break
+        k = min(small, key=lambda b: (counts[b], area(b), b))
+        hosts = [b for b in counts if b != k and holds(b, k)]
+        if hosts:
+            target = min(hosts, key=lambda b: (area(b), b))
+        else:
+            other = min((b for b in counts if b != k), key=lambda b: (area(b), b))
+            r0, c0 = min(k[0], other[0]), min(k[1], other[1])
+            target = (r0, c0, 3 - r0, 3 - c0)
+            keys = [target if b == other else b for b in keys]
+        keys = [target if b == k else b for b in keys]
+    smallest = min({k for k in keys if k is not None}, key=lambda b: (area(b), b))
+    return [smallest if k is None else k for k in keys]
+
+
+def _part_order(keys: Sequence[tuple]) -> tuple[list[tuple], torch.Tensor]:
+    """Parts in output order (largest block first) and the permutation of the filters."""
+    order = sorted(set(keys), key=lambda k: (-k[2] * k[3], k))
+    perm = [i for k in order for i, key in enumerate(keys) if key == k]
+    return order, torch.tensor(perm, dtype=torch.long)
+
+
 def _pattern_conv(
-    module: nn.Conv2d,
-    blocks: list[tuple | None],
-    fold: bool,
-) -> tuple[PatternConv2d, torch.Tensor, int]:
-    """Build the :class:`PatternConv2d` of a layer.
+    module: nn.Conv2d, keys: Sequence[tuple], mask: torch.Tensor, fold: bool
+) -> tuple[PatternConv2d, int]:
+    """Build the :class:`PatternConv2d` of a layer whose filter ``i`` uses block
+    ``keys[i]``.
 
     Returns:
-        The module, the permutation ``perm`` of the layer's output channels into part order
-        (the caller folds it, or the module restores it at run time) and the number of zero
-        parameters it stores.
+        The module (restoring the filter order at run time unless ``fold``: then the
+        filters must already be in part order) and the number of zero parameters it stores.
     """
     depthwise = module.groups > 1
-    zero_block = (2, 2, 1, 1)
-    keys = [b if b is not None else zero_block for b in blocks]
-    order = sorted(set(keys), key=lambda k: (-k[2] * k[3], k))
-    rows_of = {k: [i for i, key in enumerate(keys) if key == k] for k in order}
-    perm = torch.tensor([i for k in order for i in rows_of[k]], dtype=torch.long)
+    order, perm = _part_order(keys)
     w = module.weight.detach()
     bias = None if module.bias is None else module.bias.detach()
     parts, offsets, ranges, gathers = [], [], [], []
-    zeros, start = 0, 0
+    stored, start = 0, 0
     for k in order:
-        rows = torch.tensor(rows_of[k], dtype=torch.long)
+        rows = torch.tensor([i for i, key in enumerate(keys) if key == k], dtype=torch.long)
         r0, c0, kh, kw = k
         n = len(rows)
         conv = nn.Conv2d(
@@ -495,24 +539,21 @@ def _pattern_conv(
             conv.weight.copy_(w[rows][:, :, r0:, c0:])
             if bias is not None:
                 conv.bias.copy_(bias[rows])
-        if k == zero_block and all(blocks[i] is None for i in rows_of[k]):
-            zeros += conv.weight.numel() + (0 if bias is None else n)
-            with torch.no_grad():
-                conv.weight.zero_()
-                if conv.bias is not None:
-                    conv.bias.zero_()
+        stored += conv.weight.numel()
         parts.append(conv)
         offsets.append((r0, c0))
         ranges.append((start, start + n))
         gathers.append(rows)
         start += n
+    zeros = stored - int(mask.sum())
+    if bias is not None:
+        zeros += int(_removed_rows(mask).sum())
     out_index = None if fold else torch.argsort(perm)
     if depthwise:
         in_ranges, in_index = (ranges, None) if fold else (None, gathers)
     else:
         in_ranges, in_index = None, None
-    pc = PatternConv2d(parts, offsets, in_ranges, in_index, out_index)
-    return pc, perm, zeros
+    return PatternConv2d(parts, offsets, in_ranges, in_index, out_index), zeros
 
 
 def _fold(
@@ -553,6 +594,8 @@ def materialize(
     *,
     check_inputs: torch.Tensor | None = None,
     atol: float = 1e-9,
+    min_part: int = 8,
+    split_depthwise: bool = False,
 ) -> Materialized:
     """Turn a masked network into a physically smaller one with the same outputs.
 
@@ -568,6 +611,12 @@ def materialize(
             float64 (the structural check; float32 differences are reported in
             :attr:`Materialized.max_abs_diff` next to the masked network's own float32
             rounding error, :attr:`Materialized.float32_noise`).
+        min_part: a pattern part with fewer filters joins a larger block (zero-filled):
+            each convolution call has a fixed cost that a few filters do not repay.
+        split_depthwise: also split depthwise 3x3 layers by pattern. Off by default: a
+            depthwise convolution is bound by memory traffic, not multiply-adds, so on CPU
+            the split only adds calls (measured in ``benchmarks/latency.py``); such layers
+            are kept whole with their zeros.
 
     Returns:
         The :class:`Materialized` network and its report.
@@ -617,6 +666,9 @@ def materialize(
         note = f"{widths[name]} -> {module.weight.shape[0]} outputs"
         blocks = _pattern_plan(module, mask)
         patterned = blocks is not None and any(b not in (None, (0, 0, 3, 3)) for b in blocks)
+        depthwise_kept = patterned and module.groups > 1 and not split_depthwise
+        if depthwise_kept:
+            patterned = False
         if patterned:
             depthwise = module.groups > 1
             fold_rows, consumers = [name], _foldable_consumers(graph, model, name)
@@ -635,27 +687,24 @@ def materialize(
                     consumers = None
             elif graph.group_of(name) != [name]:
                 consumers = None
-            keys = [b if b is not None else (2, 2, 1, 1) for b in blocks]
-            order = sorted(set(keys), key=lambda k: (-k[2] * k[3], k))
-            perm = torch.tensor(
-                [i for k in order for i, key in enumerate(keys) if key == k], dtype=torch.long
-            )
+            keys = _part_keys(blocks, min_part)
+            _, perm = _part_order(keys)
             fold = consumers is not None
             if fold:
                 _fold(model, graph, full, name, perm, fold_rows, consumers)
                 module = model.get_submodule(name)
                 mask = full[name]
                 blocks = [blocks[i] for i in perm.tolist()]
-            pc, _, z = _pattern_conv(module, blocks, fold)
+                keys = [keys[i] for i in perm.tolist()]
+            pc, z = _pattern_conv(module, keys, mask, fold)
             zeros += z
             _set_module(model, name, pc)
-            counts = {}
-            for b in blocks:
-                key = "0" if b is None else f"{b[2]}x{b[3]}"
-                counts[key] = counts.get(key, 0) + 1
+            counts: dict[str, int] = {}
+            for k in keys:
+                counts[f"{k[2]}x{k[3]}"] = counts.get(f"{k[2]}x{k[3]}", 0) + 1
             parts = " ".join(f"{k}:{v}" for k, v in counts.items())
             how = "order folded" if fold else "runtime permutation"
-            note += f"; patterns {parts} ({how})"
+            note += f"; dense parts {parts} ({how})"
             if not fold:
                 result.runtime_permutations.append(name)
         else:
@@ -670,6 +719,8 @@ def materialize(
                         + result.kept_groups.get(graph.group_of(name)[0], "coupled")
                         + ")"
                     )
+                elif depthwise_kept:
+                    why = "depthwise row/column patterns kept as zeros (split_depthwise=False)"
                 else:
                     why = "masked: no dense-engine speedup for this sparsity on CPU"
                 result.masked_layers[name] = why

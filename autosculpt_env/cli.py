@@ -276,6 +276,91 @@ def _reward_split(base):
     return data.ImageDataset(ds.images[:n], ds.labels[:n], ds.info, "reward")
 
 
+# ----------------------------------------------------------------------------- export
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from . import data
+    from . import materialize as mat
+    from .latency import median_latency
+    from .records import make_env
+
+    torch.set_num_threads(args.threads)
+    record = _load_record(args.record)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = make_env(record)
+    try:
+        base = env.unwrapped
+        actions = base.problem.actions_from_names(record.actions)
+        kw = base.env_kwargs
+        images = data.load(kw["dataset"], "reward", kw.get("data_dir")).images[:256]
+        m = mat.materialize_policy(env, actions, check_inputs=images)
+        dense = base.problem.model
+        masked = base.pruned_model(actions)
+        metrics = base.evaluate_policy(actions)
+    finally:
+        env.close()
+    state = {k: v.detach().contiguous() for k, v in m.model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"env_id": record.env_id})
+    example = images[:2]
+    onnx_diffs = {}
+    for name, net in (("dense", dense), ("model", m.model)):
+        path = mat.export_onnx(net, out / f"{name}.onnx", example)
+        onnx_diffs[name] = mat.check_onnx(path, net, images)
+    x = torch.randn(args.batch_size, *images.shape[1:])
+    times = {
+        name: median_latency(net, x, args.repeats)
+        for name, net in (("dense", dense), ("masked", masked), ("materialised", m.model))
+    }
+    ideal = 1.0 / max(1e-12, 1.0 - metrics["flops_reduction"])
+    report = {
+        "record": str(args.record),
+        "env_id": record.env_id,
+        "policy": record.actions,
+        "flops_reduction": metrics["flops_reduction"],
+        "params_env": metrics["params"],
+        "params_materialised": m.params,
+        "dead_params": m.dead_params,
+        "max_abs_diff_float32": m.max_abs_diff,
+        "max_abs_diff_float64": m.max_abs_diff_float64,
+        "float32_noise": m.float32_noise,
+        "onnx_max_abs_diff": onnx_diffs,
+        "layers": m.layers,
+        "runtime_permutations": m.runtime_permutations,
+        "latency_s": times,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "speedup": times["dense"] / times["materialised"],
+        "flops_ideal_speedup": ideal,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    record.save(out / "record.json")
+    print(m.summary())
+    print(
+        f"outputs: max |materialised - masked| {m.max_abs_diff:.2e} (float32; the masked "
+        f"network's own float32 error {m.float32_noise:.2e}), {m.max_abs_diff_float64:.1e} in "
+        f"float64; onnxruntime vs torch {max(onnx_diffs.values()):.2e}"
+    )
+    print(
+        f"params: {m.params} (env reports {metrics['params']:.0f}; {m.dead_params} of those "
+        "only ever see a removed channel and were cut)"
+    )
+    print(
+        f"torch latency at batch {args.batch_size}, {args.threads} thread(s): dense "
+        f"{1e3 * times['dense']:.2f} ms, masked {1e3 * times['masked']:.2f} ms, materialised "
+        f"{1e3 * times['materialised']:.2f} ms"
+    )
+    print(
+        f"measured speedup {report['speedup']:.2f}x vs dense; FLOPs-ideal {ideal:.2f}x "
+        f"(ratio {report['speedup'] / ideal:.2f})"
+    )
+    print(f"wrote {out}/model.safetensors, model.onnx, dense.onnx, report.json, record.json")
+    return 0
+
+
 # --------------------------------------------------------------------------- validate
 def _cmd_validate(args: argparse.Namespace) -> int:
     from . import leaderboard as lb
@@ -453,6 +538,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="also fine-tune every row again and check its test accuracies (slow)",
     )
     va.set_defaults(func=_cmd_validate)
+
+    ex = sub.add_parser(
+        "export",
+        help="materialise a record's policy as a smaller network (safetensors + ONNX) and time it",
+        description="Cut removed channels and heads, run row/column patterns as smaller dense "
+        "kernels, check the outputs against the masked network, write model.safetensors, "
+        "model.onnx and dense.onnx (checked with onnxruntime) and report.json into --out, and "
+        "print the measured speedup against the dense network.",
+    )
+    ex.add_argument("record", help="record JSON (best.json) or leaderboard row")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--batch-size", type=int, default=256, help="batch for the timing")
+    ex.add_argument("--repeats", type=int, default=20, help="timed runs (median kept)")
+    ex.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ex.set_defaults(func=_cmd_export)
 
     _add_leaderboard_parser(sub)
     return parser

@@ -670,6 +670,9 @@ def materialize(
         if depthwise_kept:
             patterned = False
         if patterned:
+            keys = _part_keys(blocks, min_part)
+            patterned = set(keys) != {(0, 0, 3, 3)}  # merged back into one full kernel
+        if patterned:
             depthwise = module.groups > 1
             fold_rows, consumers = [name], _foldable_consumers(graph, model, name)
             if depthwise:
@@ -687,7 +690,8 @@ def materialize(
                     consumers = None
             elif graph.group_of(name) != [name]:
                 consumers = None
-            keys = _part_keys(blocks, min_part)
+            if len(set(keys)) == 1:  # one part: the filter order does not change
+                consumers, fold_rows = [], []
             _, perm = _part_order(keys)
             fold = consumers is not None
             if fold:
@@ -719,6 +723,8 @@ def materialize(
                         + result.kept_groups.get(graph.group_of(name)[0], "coupled")
                         + ")"
                     )
+                elif blocks is not None and not depthwise_kept and module.groups == 1:
+                    why = f"row/column parts under min_part={min_part} filters, kept as zeros"
                 elif depthwise_kept:
                     why = "depthwise row/column patterns kept as zeros (split_depthwise=False)"
                 else:

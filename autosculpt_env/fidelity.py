@@ -474,5 +474,394 @@ def run_ground_truth(
     return done
 
 
-# ------------------------------------------------------------------------- stubs filled below
+# ----------------------------------------------------------------- building a policy set
 SEARCH_AGENTS: tuple[str, ...] = ("ppo_gnn", "ppo_mlp", "ddpg_amc", "random_search")
+"""Agents whose proxy-mode search runs add best policies to the competitive set."""
+
+SEARCH_BUDGET = 300
+"""Reward evaluations of each proxy-mode search run that feeds the competitive set."""
+
+
+def search_best_policy(
+    task: Task, agent: str, seed: int, workdir: Path, budget: int = SEARCH_BUDGET
+) -> list[str]:
+    """Run one agent as a program in proxy mode and return its best policy's action names."""
+    import subprocess
+    import sys
+
+    from .leaderboard import agent_script
+    from .records import EpisodeRecord
+
+    name = f"{task.name}__{agent}__seed{seed}__proxy{budget}"
+    best = Path(workdir) / name / "best.json"
+    if not best.exists():
+        cmd = [
+            sys.executable,
+            str(agent_script(agent)),
+            "--env-id",
+            task.env_id,
+            "--target-flops-reduction",
+            str(task.target_flops_reduction),
+            "--evaluation",
+            "proxy",
+            "--seed",
+            str(seed),
+            "--max-reward-evaluations",
+            str(budget),
+            "--threads",
+            "1",
+            "--output-dir",
+            str(workdir),
+            "--run-name",
+            name,
+            "--no-progress",
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not best.exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n" + "\n".join(tail))
+    return list(EpisodeRecord.load(best).actions)
+
+
+def build_policy_set(
+    root: Path,
+    task: Task,
+    rows_dir: str | os.PathLike | None = "benchmarks/rows",
+    agents: Sequence[str] = SEARCH_AGENTS,
+    seeds: Sequence[int] = (11, 12, 13, 14, 15),
+    broad_random: int = 12,
+    broad_mutations: int = 12,
+    workdir: Path = Path("benchmarks/runs/fidelity"),
+    progress: bool = True,
+) -> PolicySet:
+    """Build or extend a task's stored policy set (each step is skipped once done).
+
+    Competitive: the committed rows' best policies, then the best policy of every
+    (agent, seed) proxy-mode search run. Broad: seeded random valid policies and mutations
+    of competitive ones (drawn once; a stored set is never redrawn).
+    """
+    from tqdm.auto import tqdm
+
+    ps = PolicySet.load(root, task)
+    if rows_dir is not None:
+        add_row_policies(ps, rows_dir)
+        import_row_ground_truth(root, task, rows_dir)
+    runs = [(a, s) for a in agents for s in seeds]
+    for agent, seed in tqdm(runs, desc=f"{task.name} searches", disable=not progress):
+        source = f"search:{agent}:seed{seed}:proxy{SEARCH_BUDGET}"
+        if any(source in p.sources for p in ps.policies):
+            continue
+        ps.add(search_best_policy(task, agent, seed, workdir), "competitive", source)
+        ps.save(root)
+    if not ps.of("broad") and (broad_random or broad_mutations):
+        env = make_task_env(task)
+        try:
+            add_broad_policies(ps, env, broad_random, broad_mutations)
+        finally:
+            env.close()
+    ps.save(root)
+    return ps
+
+
+# ----------------------------------------------------------------------- candidate rewards
+def rewards_path(root: Path, task: Task, mode: str) -> Path:
+    return Path(root) / task_dir_name(task) / "rewards" / f"{mode}.json"
+
+
+def load_rewards(root: Path, task: Task, mode: str) -> dict:
+    """``{"values": {policy key: reward accuracy}, "cost": {...} | None, ...}`` of a mode."""
+    path = rewards_path(root, task, mode)
+    if not path.exists():
+        return {"mode": mode, "task": task.name, "values": {}, "cost": None}
+    d = read_json(path, f"the {mode} rewards")
+    values = d.get("values")
+    if (
+        d.get("mode") != mode
+        or d.get("task") != task.name
+        or not isinstance(values, dict)
+        or not all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in values.values())
+    ):
+        raise ValueError(f"{path}: not the {mode} rewards of {task.name}; delete it to recompute")
+    return d
+
+
+def compute_rewards(
+    root: Path, task: Task, mode: str, threads: int = 1, progress: bool = True, save_every: int = 8
+) -> dict:
+    """Score every stored policy of the task with one ``evaluation=`` mode (missing ones
+    only; stored every ``save_every`` policies, so a killed run loses little)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(threads)
+    ps = PolicySet.load(root, task)
+    d = load_rewards(root, task, mode)
+    todo = [p for p in ps.policies if p.key not in d["values"]]
+    if not todo:
+        return d
+    env = make_task_env(task, evaluation=mode)
+    base = env.unwrapped
+    d["env_kwargs"] = base.env_kwargs
+    path = rewards_path(root, task, mode)
+    try:
+        for n, p in enumerate(tqdm(todo, desc=f"{task.name} {mode}", disable=not progress), 1):
+            d["values"][p.key] = float(base.evaluate_policy(p.actions)["accuracy"])
+            if n % save_every == 0 or n == len(todo):
+                atomic_write_json(path, d)
+    finally:
+        env.close()
+    return d
+
+
+def measure_cost(
+    root: Path, task: Task, mode: str, evaluations: int = 6, threads: int = 1, seed: int = 123
+) -> dict:
+    """Time ``evaluations`` unseen random valid policies under ``mode`` and a bare dense
+    forward pass over the same reward images, in this one run; store their ratio.
+
+    The env is warmed up on the stored policy set first (for ``reconstruction`` this fills
+    the per-(layer, action) refit cache as a long search would), so the figure is the
+    steady-state cost of one evaluation. Run it on an otherwise idle machine.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    env = make_task_env(task, evaluation=mode)
+    base = env.unwrapped
+    try:
+        for p in PolicySet.load(root, task).policies[:8]:
+            base.evaluate_policy(p.actions)
+        images = base.evaluator.images
+        net = base.problem.model
+
+        def bare() -> float:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for i in range(0, len(images), 1024):
+                    net(images[i : i + 1024])
+            return time.perf_counter() - t0
+
+        rng = random.Random(seed)
+        forward, evals = [], []
+        for _ in range(evaluations):
+            forward.append(bare())
+            policy = random_valid_policy(env, rng)
+            t0 = time.perf_counter()
+            base.evaluate_policy(policy)
+            evals.append(time.perf_counter() - t0)
+        forward.append(bare())
+    finally:
+        env.close()
+    cost = {
+        "ratio": float(np.median(evals) / np.median(forward)),
+        "evaluation_seconds": float(np.median(evals)),
+        "forward_seconds": float(np.median(forward)),
+        "evaluations": evaluations,
+        "reward_images": len(images),
+        "threads": threads,
+    }
+    d = load_rewards(root, task, mode)
+    d["cost"] = cost
+    atomic_write_json(rewards_path(root, task, mode), d)
+    return cost
+
+
+# -------------------------------------------------------------------------------- report
+@dataclass
+class Agreement:
+    """Rank agreement of one reward with the ground truth on one policy set."""
+
+    n: int
+    spearman: float
+    spearman_ci: tuple[float, float]
+    kendall: float
+    kendall_ci: tuple[float, float]
+
+
+def agreement(x: Sequence[float], y: Sequence[float], resamples: int = 2000) -> Agreement:
+    """Spearman's rho and Kendall's tau of paired values, with 95 % percentile intervals
+    from a paired bootstrap over policies (``scipy.stats.bootstrap``, seeded)."""
+    from scipy import stats
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+
+    def rho(a, b):
+        r = stats.spearmanr(a, b)[0]
+        return 0.0 if np.isnan(r) else r
+
+    def tau(a, b):
+        r = stats.kendalltau(a, b)[0]
+        return 0.0 if np.isnan(r) else r
+
+    out = []
+    for f in (rho, tau):
+        ci = stats.bootstrap(
+            (x, y),
+            f,
+            paired=True,
+            vectorized=False,
+            n_resamples=resamples,
+            method="percentile",
+            random_state=0,
+        ).confidence_interval
+        out += [f(x, y), (float(ci.low), float(ci.high))]
+    return Agreement(len(x), float(out[0]), out[1], float(out[2]), out[3])
+
+
+def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:
+    """Everything the report shows for one task (computed from stored results only)."""
+    ps = PolicySet.load(root, task)
+    gt = load_ground_truth(root, task)
+    seeds = GROUND_TRUTH_SEEDS
+    complete = {k: v for k, v in gt.items() if all(s in v for s in seeds)}
+    out = {"task": task.name, "sets": {}, "modes": {}}
+    for set_name in ("competitive", "broad"):
+        members = ps.of(set_name)
+        keys = [p.key for p in members if p.key in complete]
+        info = {"policies": len(members), "with_ground_truth": len(keys)}
+        if len(keys) >= 4:
+            a = [complete[k][seeds[0]] for k in keys]
+            b = [complete[k][seeds[1]] for k in keys]
+            info["ceiling"] = agreement(a, b)
+            info["score_range"] = (min(a + b), max(a + b))
+        out["sets"][set_name] = info
+        for mode in modes:
+            values = load_rewards(root, task, mode)
+            have = [k for k in keys if k in values["values"]]
+            entry = out["modes"].setdefault(mode, {"cost": values.get("cost")})
+            if len(have) >= 4:
+                entry[set_name] = agreement(
+                    [values["values"][k] for k in have],
+                    [float(np.mean(list(complete[k].values()))) for k in have],
+                )
+    return out
+
+
+def _fmt(a: Agreement | None, which: str) -> str:
+    if a is None:
+        return "–"
+    v, ci = (a.spearman, a.spearman_ci) if which == "rho" else (a.kendall, a.kendall_ci)
+    return f"{v:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+MODES_REPORTED: tuple[str, ...] = (
+    "accuracy",
+    "reconstruction",
+    "recovery",
+    "reconstruction+recovery",
+    "proxy",
+)
+
+
+def render_report(tables: list[dict]) -> str:
+    """The markdown report (one table for all tasks, then the per-set details)."""
+    lines = [
+        "# Reward fidelity",
+        "",
+        "How well each reward (`evaluation=` mode) ranks policies like the leaderboard score "
+        "(test accuracy after the fixed fine-tuning; mean of fine-tuning seeds "
+        f"{' and '.join(map(str, GROUND_TRUTH_SEEDS))}). Generated by "
+        "`python benchmarks/reward_fidelity.py` from the stored results in "
+        "`benchmarks/fidelity/`; see `autosculpt_env/fidelity.py` for the method.",
+        "",
+        "Competitive set (the policies searches find; every goal is judged here). "
+        "ρ: Spearman, τ: Kendall, with 95 % paired-bootstrap intervals. Ceiling: the score's "
+        "agreement with itself across the two fine-tuning seeds. Cost: one evaluation as a "
+        "multiple of a bare dense forward over the same reward images, timed in one run.",
+        "",
+        "| task | policies (with ground truth) | ceiling ρ | mode | ρ | τ | ρ on broad set | cost |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in tables:
+        comp = t["sets"]["competitive"]
+        broad = t["sets"]["broad"]
+        ceiling = _fmt(comp.get("ceiling"), "rho")
+        first = True
+        for mode, entry in t["modes"].items():
+            cost = entry.get("cost")
+            cost_s = f"{cost['ratio']:.1f}×" if cost else "–"
+            lead = (
+                f"| {t['task']} | {comp['policies']} ({comp['with_ground_truth']}) | {ceiling} "
+                if first
+                else "| | | "
+            )
+            lines.append(
+                lead
+                + f"| {mode} | {_fmt(entry.get('competitive'), 'rho')} | "
+                + f"{_fmt(entry.get('competitive'), 'tau')} | "
+                + f"{_fmt(entry.get('broad'), 'rho')} | {cost_s} |"
+            )
+            first = False
+        if first:
+            lines.append(
+                f"| {t['task']} | {comp['policies']} ({comp['with_ground_truth']}) | {ceiling} "
+                "| – | – | – | – | – |"
+            )
+        _ = broad
+    lines += [
+        "",
+        "Broad set (seeded random valid policies and mutations of competitive ones; context "
+        "only): policies with ground truth per task: "
+        + ", ".join(
+            f"{t['task']} {t['sets']['broad']['with_ground_truth']}/{t['sets']['broad']['policies']}"
+            for t in tables
+        )
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_task(root: Path, task: Task, modes: Sequence[str], out: Path) -> Path | None:
+    """Scatter of each mode's reward against the score (competitive filled, broad hollow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ps = PolicySet.load(root, task)
+    gt = {
+        k: float(np.mean(list(v.values())))
+        for k, v in load_ground_truth(root, task).items()
+        if all(s in v for s in GROUND_TRUTH_SEEDS)
+    }
+    modes = [m for m in modes if load_rewards(root, task, m)["values"]]
+    if not gt or not modes:
+        return None
+    fig, axes = plt.subplots(1, len(modes), figsize=(3.2 * len(modes), 3.2), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        values = load_rewards(root, task, mode)["values"]
+        for set_name, style in (("competitive", {}), ("broad", {"facecolors": "none"})):
+            keys = [p.key for p in ps.of(set_name) if p.key in gt and p.key in values]
+            ax.scatter(
+                [100 * values[k] for k in keys],
+                [100 * gt[k] for k in keys],
+                s=14,
+                edgecolors="C0" if set_name == "competitive" else "C1",
+                label=set_name,
+                **({"color": "C0"} if not style else style),
+            )
+        ax.set_title(mode, fontsize=9)
+        ax.set_xlabel("reward accuracy (%)", fontsize=8)
+        ax.set_ylabel("score: test acc. after FT (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(task.name, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(
+    root: Path, tasks: Iterable[Task] = TASKS, modes: Sequence[str] = MODES_REPORTED
+) -> Path:
+    """Write ``REWARD_FIDELITY.md`` and ``plots/<task>.png`` from the stored results."""
+    tasks = list(tasks)
+    tables = [task_table(root, t, modes) for t in tasks]
+    for t in tasks:
+        plot_task(root, t, modes, Path(root) / "plots" / f"{task_dir_name(t)}.png")
+    path = Path(root) / "REWARD_FIDELITY.md"
+    path.write_text(render_report(tables))
+    return path

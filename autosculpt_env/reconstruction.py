@@ -28,7 +28,9 @@ branches keep the channel alive, so no weight sees it as zero only. Batch norms 
 recalibrated after the refit, as in plain evaluation.
 
 Conventions: ``damping`` is relative (SparseGPT's ``percdamp``): ``damping * mean(diag
-G_SS)`` is added to the diagonal. A keep-set equal to the whole row keeps the dense
+G_SS)`` is added to the diagonal; a row whose damped refit reproduces the dense output
+worse than plain masking (possible only through the damping) keeps its masked weights, so
+a refit never increases a layer's output error on the calibration data. A keep-set equal to the whole row keeps the dense
 weights exactly. Layers other than ``Conv2d`` with zero padding and ``Linear`` keep their
 masked weights.
 """
@@ -167,7 +169,13 @@ class Reconstruction:
                 ridge = self.damping * gss.diagonal().mean().clamp_min(1e-12)
                 gss = gss + ridge * torch.eye(len(idx), dtype=gss.dtype)
                 rhs = G[idx] @ w[r].T  # (|S|, rows)
-                new[r.unsqueeze(1), idx.unsqueeze(0)] = torch.linalg.solve(gss, rhs).T
+                fit = torch.zeros_like(w[r])
+                fit[:, idx] = torch.linalg.solve(gss, rhs).T
+                # the ridge term can leave a row marginally worse than plain masking: keep
+                # whichever of the two reproduces the dense output better
+                plain = w[r] * s
+                worse = _row_error(fit - w[r], G) > _row_error(plain - w[r], G)
+                new[r] = torch.where(worse.unsqueeze(1), plain, fit)
         return new.reshape(dense_w.shape).to(dense_w.dtype)
 
     def output_error(
@@ -181,6 +189,11 @@ class Reconstruction:
         ref = info.weight if reference is None else reference
         diff = (weight.double() - ref.double()).reshape(groups, -1, k)  # (g, rows, k)
         return float(torch.einsum("gri,gij,grj->", diff, gram, diff))
+
+
+def _row_error(diff: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``diff_r^T G diff_r`` per row: each row's squared output error on the calibration data."""
+    return ((diff @ gram) * diff).sum(dim=1)
 
 
 def _in_channels(module: nn.Module) -> int:

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Mixed
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from autosculpt_env import zoo
 from autosculpt_env.cost import build_cost_table, masked_flops, masked_params
 from autosculpt_env.graph import NetGraph, build_graph
-from autosculpt_env.models.vit import Attention
 from autosculpt_env.patterns import CATALOGS, Catalog, get_catalog
 
 torch.set_num_threads(1)
@@ -68,30 +68,6 @@ class Problem:
 
     def masks(self, policy: list[int]) -> dict[str, torch.Tensor]:
         return {name: self.mask(i, a) for i, (name, a) in enumerate(zip(self.graph.layers, policy))}
-
-
-class Mixed(nn.Module):
-    """Depthwise and grouped convs, a concat, an SE-style gate and an attention block."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.bn = nn.BatchNorm2d(16)
-        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
-        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
-        self.branch = nn.Conv2d(16, 8, 1)
-        self.se = nn.Linear(24, 24)
-        self.attn = Attention(24, 4)
-        self.head = nn.Linear(24, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.stem(x)))
-        a = torch.sigmoid(self.dw(x))
-        y = torch.cat([a + self.grouped(x), self.branch(x)], dim=1)
-        y = y * torch.sigmoid(self.se(y.mean((2, 3))))[:, :, None, None]
-        t = y.flatten(2).transpose(1, 2)
-        t = t + self.attn(t)
-        return self.head(t.mean(1))
 
 
 def digits_model(name: str, seed: int = 0) -> nn.Module:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import Mixed
 from gymnasium.spaces import Box, Discrete, Graph
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from autosculpt_env import zoo
 from autosculpt_env.graph import EDGE_TYPES, OP_TYPES, NetGraph, TraceError, build_graph
-from autosculpt_env.models.vit import Attention
 
 torch.set_num_threads(1)
 
@@ -39,30 +38,6 @@ def digits_graph(model: str) -> NetGraph:
         torch.manual_seed(0)
         _GRAPHS[model] = build_graph(zoo.entry(model, "digits").build(), example("digits"))
     return _GRAPHS[model]
-
-
-class Mixed(nn.Module):
-    """Depthwise and grouped convs, a concat, an SE-style gate and an attention block."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.bn = nn.BatchNorm2d(16)
-        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
-        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
-        self.branch = nn.Conv2d(16, 8, 1)
-        self.se = nn.Linear(24, 24)
-        self.attn = Attention(24, 4)
-        self.head = nn.Linear(24, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.stem(x)))
-        a = torch.sigmoid(self.dw(x))
-        y = torch.cat([a + self.grouped(x), self.branch(x)], dim=1)
-        y = y * torch.sigmoid(self.se(y.mean((2, 3))))[:, :, None, None]
-        t = y.flatten(2).transpose(1, 2)
-        t = t + self.attn(t)
-        return self.head(t.mean(1))
 
 
 @pytest.mark.parametrize("key", list(zoo.ENTRIES), ids=lambda k: f"{k[0]}-{k[1]}")

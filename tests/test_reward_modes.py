@@ -1,0 +1,182 @@
+"""The env's reward evaluation modes (``evaluation=``): each runs, is deterministic across
+processes, never reads the test split; recovery holds masks exactly; reconstruction refits
+reproduce the dense output for the dense action and lower every layer's output error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from conftest import Mixed
+
+import autosculpt_env  # noqa: F401
+from autosculpt_env import data
+from autosculpt_env.evaluation import EVALUATIONS, RecoveryEvaluator
+from autosculpt_env.finetune import check_masks, held_masks, train_subset
+from autosculpt_env.problem import PruningProblem
+from autosculpt_env.reconstruction import Reconstruction
+
+SCRIPT = """
+import json, random, torch
+torch.set_num_threads(1)
+import gymnasium as gym, autosculpt_env
+from autosculpt_env.evaluation import EVALUATIONS
+from autosculpt_env.fidelity import random_valid_policy
+out = {}
+for mode in EVALUATIONS:
+    env = gym.make("AutoSculpt-ResNet", dataset="digits", evaluation=mode, reward_samples=60,
+                   recovery_samples=256)
+    rng = random.Random(0)
+    out[mode] = [env.unwrapped.evaluate_policy(random_valid_policy(env, rng))["accuracy"]
+                 for _ in range(2)]
+print(json.dumps(out))
+"""
+
+
+def test_every_mode_is_deterministic_across_processes(tmp_path):
+    env = {"AUTOSCULPT_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1", "PATH": ""}
+    import os
+
+    env = {**os.environ, **env}
+    runs = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, check=True
+            ).stdout.splitlines()[-1]
+        )
+        for _ in range(2)
+    ]
+    assert set(runs[0]) == set(EVALUATIONS)
+    assert runs[0] == runs[1]
+    for mode, values in runs[0].items():
+        assert all(0.0 <= v <= 1.0 for v in values), mode
+
+
+@pytest.mark.parametrize("mode", [m for m in EVALUATIONS if m != "proxy"])
+def test_modes_never_read_the_test_split(mode, monkeypatch):
+    from autosculpt_env.envs import autosculpt as envmod
+
+    real_load = data.load
+
+    def guarded(name, split, data_dir=None):
+        assert split != "test", "the env touched the test split"
+        return real_load(name, split, data_dir)
+
+    monkeypatch.setattr(data, "load", guarded)
+    monkeypatch.setattr(envmod, "_SHARED", {})  # build every evaluator under the guard
+    env = gym.make(
+        "AutoSculpt-VGG", dataset="digits", evaluation=mode, reward_samples=60, recovery_samples=128
+    )
+    base = env.unwrapped
+    policy = [int(np.flatnonzero(base.problem.valid[i])[-1]) for i in range(base.num_layers)]
+    m = base.evaluate_policy(policy)
+    assert 0.0 <= m["accuracy"] <= 1.0
+    assert base.env_kwargs["evaluation"] == mode
+
+
+def test_recovery_holds_masks_exactly_and_starts_fresh_each_time():
+    problem = PruningProblem("resnet20", "digits")
+    ev = RecoveryEvaluator(problem, "digits", reward_samples=60, recovery_samples=256)
+    rng = np.random.default_rng(0)
+    policies = [
+        tuple(int(rng.choice(np.flatnonzero(problem.valid[i]))) for i in range(problem.num_layers))
+        for _ in range(2)
+    ]
+    first = ev(policies[0])
+    check_masks(ev.net, held_masks(problem, policies[0]))
+    ev(policies[1])
+    check_masks(ev.net, held_masks(problem, policies[1]))
+    ev.cache.clear()  # scoring again after another policy gives the same value
+    assert ev(policies[0]) == first
+    # the recovery changed weights that plain masking leaves at their pretrained values
+    masked = problem.layers[0].weight * problem.mask(0, policies[0][0])
+    assert not torch.equal(dict(ev.net.named_modules())[problem.layers[0].name].weight, masked)
+
+
+def test_recovery_leaves_the_callers_rng_alone():
+    env = gym.make("AutoSculpt-ResNet", dataset="digits", evaluation="recovery", reward_samples=30)
+    base = env.unwrapped
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    base.evaluate_policy([base.problem.dense_action] * base.num_layers)
+    base.evaluator.cache.clear()
+    assert torch.equal(torch.rand(3), expected)
+
+
+def _problems():
+    torch.manual_seed(0)
+    mixed = Mixed(in_channels=1, num_classes=10).eval()
+    return {
+        "resnet20": PruningProblem("resnet20", "digits"),
+        "mobilenetv2": PruningProblem("mobilenetv2", "digits"),
+        "mixed": PruningProblem(mixed, "digits"),
+        "mixed-patdnn": PruningProblem(mixed, "digits", catalog="patdnn"),
+    }
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "mixed", "mixed-patdnn"])
+def test_reconstruction_reproduces_dense_and_lowers_output_error(name):
+    problem = _problems()[name]
+    calib = train_subset("digits", 128).images
+    rec = Reconstruction(problem, calib)
+    groups = {getattr(layer.module, "groups", 1) for layer in problem.layers}
+    if name.startswith("mixed"):  # depthwise (16 groups) and grouped (4) convolutions
+        assert {16, 4} <= groups
+    refitted = strictly = 0
+    for i, layer in enumerate(problem.layers):
+        if rec.gram[i] is None:
+            continue
+        producer = rec.producer.get(i)
+        dense = problem.dense_action
+        assert torch.equal(rec.weight(i, dense, dense if producer is not None else None), layer.weight)
+        producer_actions = (
+            [None]
+            if producer is None
+            else [problem.dense_action, int(np.flatnonzero(problem.valid[producer])[-1])]
+        )
+        for a in np.flatnonzero(problem.valid[i]):
+            for b in producer_actions:
+                w = rec.weight(i, int(a), None if b is None else int(b))
+                keep = problem.mask(i, int(a)).clone()
+                if b is not None:  # inputs from removed channels arrive as zeros
+                    alive = problem.mask(producer, int(b)).flatten(1).any(dim=1)
+                    shape = [1, -1] + [1] * (keep.dim() - 2)
+                    groups = getattr(layer.module, "groups", 1)
+                    per_group = alive.numel() // groups
+                    rows = keep.shape[0] // groups
+                    for g in range(groups):
+                        keep[g * rows : (g + 1) * rows] &= alive[
+                            g * per_group : (g + 1) * per_group
+                        ].view(shape)
+                assert torch.all(w[~keep] == 0), (layer.name, a, b)
+                plain = rec.output_error(i, layer.weight * keep)
+                refit = rec.output_error(i, w)
+                assert refit <= plain * (1 + 1e-6) + 1e-9, (layer.name, a, b, refit, plain)
+                refitted += 1
+                partial = keep.flatten(1).any(1) & ~keep.flatten(1).all(1)
+                if partial.any() and plain > 1e-6:
+                    strictly += refit < plain * (1 - 1e-3)
+    assert refitted > 0 and strictly > 0
+
+
+def test_reconstruction_mode_through_the_env_on_a_mixed_model():
+    torch.manual_seed(0)
+    env = gym.make(
+        "AutoSculpt-v0",
+        model=Mixed(in_channels=1, num_classes=10).eval(),
+        dataset="digits",
+        evaluation="reconstruction",
+        reward_samples=60,
+        target_flops_reduction=0.3,
+    )
+    base = env.unwrapped
+    dense = base.evaluate_policy([base.problem.dense_action] * base.num_layers)
+    assert dense["accuracy"] == pytest.approx(base.evaluator.dense_accuracy)
+    policy = [int(np.flatnonzero(base.problem.valid[i])[-1]) for i in range(base.num_layers)]
+    assert 0.0 <= base.evaluate_policy(policy)["accuracy"] <= 1.0

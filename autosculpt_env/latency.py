@@ -162,8 +162,9 @@ def layer_module(module: nn.Module, mask: torch.Tensor) -> tuple[nn.Module | Non
     removed output channels cut (as if its group allowed it).
 
     Returns:
-        The module (``None`` when every output channel is removed) and the input channels
-        it reads (a depthwise layer reads only its kept channels).
+        The module (``None`` when every output channel is removed; a pattern layer emits its
+        filters in part order, as when its order is folded) and the input channels it reads
+        (a depthwise layer reads only its kept channels).
     """
     keep = ~_removed_rows(mask)
     if not bool(keep.any()):

@@ -320,10 +320,12 @@ def _exact_group(group, idxs: list[int]) -> str | None:
         ix = torch.as_tensor(list(dep_idxs), dtype=torch.long)
         name = getattr(dep.target, "name", str(mod))
         if isinstance(mod, nn.Conv2d | nn.Linear):
+            w = mod.weight.detach()
+            if isinstance(mod, nn.Conv2d) and mod.groups > 1 and w.shape[1] != 1:
+                # Torch-Pruning's channel indices for grouped convolutions do not keep the
+                # groups even; leave such channels alone
+                return f"{name} is a grouped convolution"
             if out:
-                w = mod.weight.detach()
-                if isinstance(mod, nn.Conv2d) and mod.groups > 1 and w.shape[1] != 1:
-                    return f"{name} is a grouped convolution"
                 if w[ix].any() or (mod.bias is not None and mod.bias.detach()[ix].any()):
                     return f"{name} still produces channels {ix.tolist()[:8]}"
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm):

@@ -73,11 +73,18 @@ def main(args: Args) -> None:
             )
     if args.ground_truth:
         fidelity.run_ground_truth(
-            args.root, tasks, args.sets, jobs=args.jobs, threads=args.threads, progress=args.progress
+            args.root,
+            tasks,
+            args.sets,
+            jobs=args.jobs,
+            threads=args.threads,
+            progress=args.progress,
         )
     for mode in args.rewards:
         for task in tasks:
-            fidelity.compute_rewards(args.root, task, mode, threads=args.threads, progress=args.progress)
+            fidelity.compute_rewards(
+                args.root, task, mode, threads=args.threads, progress=args.progress
+            )
     out = fidelity.write_report(args.root, tasks)
     print(f"report: {out}")
 

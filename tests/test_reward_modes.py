@@ -134,7 +134,9 @@ def test_reconstruction_reproduces_dense_and_lowers_output_error(name):
             continue
         producer = rec.producer.get(i)
         dense = problem.dense_action
-        assert torch.equal(rec.weight(i, dense, dense if producer is not None else None), layer.weight)
+        assert torch.equal(
+            rec.weight(i, dense, dense if producer is not None else None), layer.weight
+        )
         producer_actions = (
             [None]
             if producer is None
@@ -180,3 +182,28 @@ def test_reconstruction_mode_through_the_env_on_a_mixed_model():
     assert dense["accuracy"] == pytest.approx(base.evaluator.dense_accuracy)
     policy = [int(np.flatnonzero(base.problem.valid[i])[-1]) for i in range(base.num_layers)]
     assert 0.0 <= base.evaluate_policy(policy)["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"tradeoff_lambda": float("nan")}, "tradeoff_lambda"),
+        ({"band_tolerance": float("nan")}, "band_tolerance"),
+        ({"band_tolerance": -0.1}, "band_tolerance"),
+        ({"ignored_layers": "conv1"}, "list of layer names"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        gym.make("AutoSculpt-ResNet", dataset="digits", **kwargs)
+
+
+@pytest.mark.parametrize("bad", [[0.7], [True], [None]])
+def test_evaluate_policy_takes_only_indices_or_names(bad):
+    env = gym.make("AutoSculpt-ResNet", dataset="digits")
+    base = env.unwrapped
+    with pytest.raises(TypeError, match="policy entry 0"):
+        base.evaluate_policy(bad * base.num_layers)
+    names = base.action_names
+    with pytest.raises(ValueError, match="not a mix"):
+        base.evaluate_policy([names[-1]] + [base.problem.dense_action] * (base.num_layers - 1))

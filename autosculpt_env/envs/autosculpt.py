@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -229,6 +230,24 @@ class AutoSculptEnv(gym.Env):
                 f"unknown evaluation {evaluation!r}; choose one of {', '.join(EVALUATIONS)}"
             )
         self.target = float(target_flops_reduction)
+        for name, value in (
+            ("band_tolerance", band_tolerance),
+            ("tradeoff_lambda", tradeoff_lambda),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if ignored_layers is not None and (
+            isinstance(ignored_layers, str) or not all(isinstance(n, str) for n in ignored_layers)
+        ):
+            raise TypeError(
+                "ignored_layers must be a list of layer names, e.g. ['conv1'], got "
+                f"{ignored_layers!r}"
+            )
         self.band_tolerance = float(band_tolerance)
         self.tradeoff_lambda = float(tradeoff_lambda)
         self.evaluation = evaluation
@@ -426,10 +445,7 @@ class AutoSculptEnv(gym.Env):
         return self._mask.copy()
 
     def _as_indices(self, policy: Sequence[int] | Sequence[str]) -> list[int]:
-        policy = list(policy)
-        if policy and all(isinstance(a, str) for a in policy):
-            return self.problem.actions_from_names(policy)
-        return [int(a) for a in policy]
+        return self.problem.policy_indices(policy)
 
     def _metrics(self, policy: list[int]) -> dict:
         p = self.problem

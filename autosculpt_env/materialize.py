@@ -773,7 +773,7 @@ def materialize_policy(
 
     base = env.unwrapped
     problem = base.problem
-    actions = base._as_indices(policy)
+    actions = problem.policy_indices(policy)
     masked = base.pruned_model(actions)
     masks = problem.policy_masks(actions)
     if check_inputs is None:

@@ -146,7 +146,7 @@ def main() -> int:
             latency_table(p, batch_size=max(args.batch_sizes), repeats=5) if args.table else None
         )
         for k, (label, policy) in enumerate(policies):
-            actions = base._as_indices(policy)
+            actions = p.policy_indices(policy)
             m = mat.materialize_policy(env, actions, check_inputs=images)
             masked = base.pruned_model(actions)
             ideal = 1.0 / (1.0 - base.evaluate_policy(actions)["flops_reduction"])

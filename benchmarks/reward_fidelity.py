@@ -7,6 +7,7 @@ is resumable and stores each result as it is computed, so it can run in several 
     python benchmarks/reward_fidelity.py --policies            # build / extend the policy sets
     python benchmarks/reward_fidelity.py --ground-truth --jobs 2   # fine-tuning runs (hours)
     python benchmarks/reward_fidelity.py --rewards accuracy reconstruction recovery
+    python benchmarks/reward_fidelity.py --cost accuracy reconstruction   # idle machine only
 
 The report (``benchmarks/fidelity/REWARD_FIDELITY.md`` and one scatter plot per task in
 ``benchmarks/fidelity/plots/``) is regenerated at the end of every invocation.
@@ -48,12 +49,16 @@ class Args:
     """which policy sets get ground truth, in this order"""
     rewards: list[str] = field(default_factory=list)
     """candidate rewards (evaluation modes) to compute for every stored policy"""
+    cost: list[str] = field(default_factory=list)
+    """modes whose cost per evaluation is timed (run on an otherwise idle machine)"""
     jobs: int = 2
     """parallel processes for the ground truth"""
     threads: int = 1
     """torch threads per process"""
     progress: bool = True
     """show progress bars"""
+    readme: Path | None = Path("README.md")
+    """README whose reward-fidelity block is regenerated (None: leave it alone)"""
 
 
 def main(args: Args) -> None:
@@ -85,7 +90,7 @@ def main(args: Args) -> None:
             fidelity.compute_rewards(
                 args.root, task, mode, threads=args.threads, progress=args.progress
             )
-    out = fidelity.write_report(args.root, tasks)
+    out = fidelity.write_report(args.root, tasks, readme=args.readme)
     print(f"report: {out}")
 
 

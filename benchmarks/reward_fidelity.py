@@ -90,6 +90,10 @@ def main(args: Args) -> None:
             fidelity.compute_rewards(
                 args.root, task, mode, threads=args.threads, progress=args.progress
             )
+    for mode in args.cost:
+        for task in tasks:
+            cost = fidelity.measure_cost(args.root, task, mode, threads=args.threads)
+            print(f"{task.name} {mode}: {cost['ratio']:.2f}x a bare forward", flush=True)
     out = fidelity.write_report(args.root, tasks, readme=args.readme)
     print(f"report: {out}")
 

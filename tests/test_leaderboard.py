@@ -214,9 +214,11 @@ def test_validate_command_fails_on_a_tampered_row(board, tmp_path, capsys):
     record["metrics"]["accuracy"] += 0.05
     forged = dict(row, record=record, reward_accuracy=record["metrics"]["accuracy"])
     forged["reward"] = record["metrics"]["reward"] = record["metrics"]["accuracy"]
+    forged["progress"] = [list(p) for p in row["progress"]]
+    forged["progress"][-1][1] = round(forged["reward"], 6)  # the curve agrees too
     (tmp_path / "forged.json").write_text(json.dumps(forged))
     assert cli.main(["validate", str(tmp_path / "forged.json")]) == 1
-    assert "replayed accuracy" in capsys.readouterr().out
+    assert "accuracy: recorded" in capsys.readouterr().out  # caught by the replay
 
 
 def test_a_rows_dir_holds_one_protocol(board):

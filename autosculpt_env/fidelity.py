@@ -774,7 +774,6 @@ def render_report(tables: list[dict]) -> str:
     ]
     for t in tables:
         comp = t["sets"]["competitive"]
-        broad = t["sets"]["broad"]
         ceiling = _fmt(comp.get("ceiling"), "rho")
         first = True
         for mode, entry in t["modes"].items():
@@ -797,7 +796,6 @@ def render_report(tables: list[dict]) -> str:
                 f"| {t['task']} | {comp['policies']} ({comp['with_ground_truth']}) | {ceiling} "
                 "| – | – | – | – | – |"
             )
-        _ = broad
     lines += [
         "",
         "Broad set (seeded random valid policies and mutations of competitive ones; context "

@@ -24,7 +24,6 @@ from scipy.stats import truncnorm
 from tqdm.auto import tqdm
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
-from autosculpt_env.features import STATIC_BASE
 from autosculpt_env.tracking import BestEpisode, Budget, check_args, finish_run, start_run
 from autosculpt_env.wrappers import ContinuousAction, FlatObservation
 
@@ -102,16 +101,6 @@ def env_overrides(args: Args) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
-def flat_observation(env: gym.Env) -> FlatObservation:
-    env = FlatObservation(env)
-    # workaround for autosculpt_env/wrappers.py:51, whose open-ended global-state slice ran
-    # past the layer row on the observation after the last layer (a broadcast error)
-    cols = getattr(env, "_global_cols", None)
-    if isinstance(cols, slice) and cols.stop is None:
-        env._global_cols = slice(cols.start, env._width)
-    return env
-
-
 def layer_feature_scaling(env: FlatObservation) -> tuple[np.ndarray, np.ndarray]:
     """Offset and scale that map each layer feature onto [0, 1] over the network's layers
     (AMC's normalised layer embedding). The episode-state features are already in [0, 1] and
@@ -124,14 +113,14 @@ def layer_feature_scaling(env: FlatObservation) -> tuple[np.ndarray, np.ndarray]
     rows = np.stack(rows)
     lo, hi = rows.min(0), rows.max(0)
     static = np.zeros(rows.shape[1], dtype=bool)
-    static[: STATIC_BASE + 2 * env.unwrapped.num_actions] = True  # before the chosen-action one-hot
+    static[: env.layout.block("chosen").start] = True  # before the chosen-action one-hot
     lo, hi = np.where(static, lo, 0.0), np.where(static, hi, 1.0)
     return lo.astype(np.float32), np.where(hi - lo > 1e-8, hi - lo, 1.0).astype(np.float32)
 
 
 def make_env(env_id: str, overrides: dict):
     def thunk():
-        env = flat_observation(gym.make(env_id, **overrides))
+        env = FlatObservation(gym.make(env_id, **overrides))
         lo, scale = layer_feature_scaling(env)
         env = gym.wrappers.TransformObservation(
             env, lambda o: (o - lo) / scale, env.observation_space

@@ -78,19 +78,6 @@ def env_overrides(args: Args) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
-def playable(env: gym.Env, policy: list[int]) -> bool:
-    """Whether an episode may play ``policy``: every action passes the env's action mask
-    (with the budget reward, AMC's action wall). Steps all but the last layer, so no reward
-    evaluation is spent; the env is left mid-episode."""
-    _, info = env.reset()
-    for t, a in enumerate(policy):
-        if not info["action_mask"][a]:
-            return False
-        if t < len(policy) - 1:
-            _, _, _, _, info = env.step(a)
-    return True
-
-
 def measured_levels(levels: list[int], k: int) -> list[int]:
     """k of a layer's sparsity-ordered levels, evenly spaced (k = 1: the middle one)."""
     if k >= len(levels):
@@ -279,7 +266,7 @@ if __name__ == "__main__":
     # ALGO LOGIC: greedy allocation from the dense network, then its neighbours
     allocator = Allocator(base, drop, sparsity)
     policy = allocator.complete([dense] * L)
-    while policy is not None and not playable(env, policy):
+    while policy is not None and not base.playable(policy):
         # float rounding at the wall: one more greedy raise on a slightly tighter target
         allocator.limit *= 1 - 1e-6
         policy = allocator.complete(policy)
@@ -289,7 +276,7 @@ if __name__ == "__main__":
     used, current = 0, policy
     while used < args.neighbours and not budget.exhausted:
         fresh = [
-            p for p in allocator.neighbours(current) if tuple(p) not in scored and playable(env, p)
+            p for p in allocator.neighbours(current) if tuple(p) not in scored and base.playable(p)
         ]
         if not fresh:
             break

@@ -17,7 +17,8 @@ from torch_geometric.nn import GATv2Conv, GCNConv, global_mean_pool
 from tqdm.auto import tqdm
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
-from autosculpt_env.features import STATE_NAMES, STATIC_BASE
+from autosculpt_env.features import FeatureLayout
+from autosculpt_env.graph import EDGE_TYPES, to_pyg
 from autosculpt_env.tracking import BestEpisode, Budget, check_args, finish_run, start_run
 
 
@@ -125,14 +126,6 @@ def make_env(env_id: str, overrides: dict):
     return thunk
 
 
-def to_data(obs: gym.spaces.GraphInstance) -> Data:
-    return Data(
-        x=torch.as_tensor(obs.nodes, dtype=torch.float32),
-        edge_index=torch.as_tensor(obs.edge_links, dtype=torch.long).t().contiguous(),
-        edge_type=torch.as_tensor(obs.edges, dtype=torch.long),
-    )
-
-
 def layer_init(layer, std=2**0.5, bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -149,7 +142,7 @@ class GraphEncoder(nn.Module):
         layers: int,
         encoder: str,
         heads: int,
-        num_edge_types: int = 3,
+        num_edge_types: int = len(EDGE_TYPES),
     ):
         super().__init__()
         self.encoder = encoder
@@ -169,11 +162,11 @@ class GraphEncoder(nn.Module):
                 )
             else:
                 raise ValueError(f"unknown encoder {encoder!r}; choose gatv2 or gcn")
-        self.norms = nn.ModuleList([nn.LayerNorm(hidden) for _ in range(layers)])
+        self.layer_norms = nn.ModuleList([nn.LayerNorm(hidden) for _ in range(layers)])
 
     def forward(self, x, edge_index, edge_type):
         h = self.inp(x)
-        for conv, norm in zip(self.convs, self.norms):
+        for conv, norm in zip(self.convs, self.layer_norms):
             if self.encoder == "gatv2":
                 m = conv(h, edge_index, edge_attr=self.edge_emb(edge_type))
             else:
@@ -187,11 +180,12 @@ class GraphEncoder(nn.Module):
 
 
 class Agent(nn.Module):
-    def __init__(self, num_features: int, num_actions: int, args: Args):
+    def __init__(self, layout: FeatureLayout, args: Args):
         super().__init__()
-        self.current_col = STATIC_BASE + 3 * num_actions + STATE_NAMES.index("current")
+        num_actions = layout.num_actions
+        self.current_col = layout.column("current")
         self.encoder = GraphEncoder(
-            num_features, args.hidden_dim, args.gnn_layers, args.encoder, args.heads
+            layout.size, args.hidden_dim, args.gnn_layers, args.encoder, args.heads
         )
         h = args.hidden_dim
         self.critic = nn.Sequential(
@@ -255,11 +249,10 @@ if __name__ == "__main__":
     )
     base = envs.envs[0].unwrapped
     num_actions = envs.single_action_space.n
-    num_features = envs.single_observation_space.node_space.shape[0]
     best = BestEpisode(envs.envs[0], run_dir, extra={"agent": args.exp_name, "seed": args.seed})
     budget = Budget(args.max_reward_evaluations)
 
-    agent = Agent(num_features, num_actions, args).to(device)
+    agent = Agent(base.feature_layout, args).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
 
     # ALGO Logic: Storage setup (observations as a step-major list of PyG Data)
@@ -275,7 +268,7 @@ if __name__ == "__main__":
     global_step = 0
     start_time = time.time()
     next_obs, infos = envs.reset(seed=args.seed)
-    next_obs = [to_data(o) for o in next_obs]
+    next_obs = [to_pyg(o) for o in next_obs]
     next_mask = torch.as_tensor(infos["action_mask"], dtype=torch.bool)
     next_done = torch.zeros(args.num_envs)
     episode_len = np.zeros(args.num_envs, dtype=np.int64)
@@ -316,7 +309,7 @@ if __name__ == "__main__":
                 np.logical_or(terminations, truncations), dtype=torch.float32
             )
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32)
-            next_obs = [to_data(o) for o in raw_obs]
+            next_obs = [to_pyg(o) for o in raw_obs]
             next_mask = torch.as_tensor(infos["action_mask"], dtype=torch.bool)
             budget.add(steps=args.num_envs)
             bar.update(0 if args.max_reward_evaluations else args.num_envs)

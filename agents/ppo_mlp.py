@@ -112,19 +112,9 @@ def env_overrides(args: Args) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
-def flat_observation(env: gym.Env) -> FlatObservation:
-    env = FlatObservation(env)
-    # workaround for autosculpt_env/wrappers.py:51, whose open-ended global-state slice ran
-    # past the layer row on the observation after the last layer (a broadcast error)
-    cols = getattr(env, "_global_cols", None)
-    if isinstance(cols, slice) and cols.stop is None:
-        env._global_cols = slice(cols.start, env._width)
-    return env
-
-
 def make_env(env_id: str, overrides: dict):
     def thunk():
-        return flat_observation(gym.make(env_id, **overrides))
+        return FlatObservation(gym.make(env_id, **overrides))
 
     return thunk
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
 from autosculpt_env.tracking import BestEpisode, Budget, check_args, finish_run, start_run
+from autosculpt_env.wrappers import nearest_valid
 
 
 @dataclass
@@ -67,28 +68,6 @@ def env_overrides(args: Args) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
-def nearest_valid(valid: np.ndarray, sparsity: np.ndarray, action: int) -> int:
-    """The valid action nearest in nominal sparsity (ties go to the sparser one)."""
-    if valid[action]:
-        return action
-    candidates = np.flatnonzero(valid)
-    dist = np.abs(sparsity[candidates] - sparsity[action]) - 1e-9 * sparsity[candidates]
-    return int(candidates[np.argmin(dist)])
-
-
-def playable(env: gym.Env, policy: list[int]) -> bool:
-    """Whether an episode may play ``policy``: every action passes the env's action mask
-    (with the budget reward, AMC's action wall). Steps all but the last layer, so no reward
-    evaluation is spent; the env is left mid-episode."""
-    _, info = env.reset()
-    for t, a in enumerate(policy):
-        if not info["action_mask"][a]:
-            return False
-        if t < len(policy) - 1:
-            _, _, _, _, info = env.step(a)
-    return True
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
@@ -122,7 +101,7 @@ if __name__ == "__main__":
         policy = [nearest_valid(problem.valid[i], sparsity, int(a)) for i in range(base.num_layers)]
         if any(policy == p for _, p in candidates):
             continue  # the same policy as a level already listed
-        if base.reward_name == "budget" and not playable(env, policy):
+        if base.reward_name == "budget" and not base.playable(policy):
             skipped.append(base.action_names[a])
             continue
         candidates.append((base.action_names[a], policy))

@@ -10,7 +10,7 @@ Conventions (FLOPs are per image, batch 1):
   input's non-feature dimensions). Bias adds stay uncounted, as in ``FlopCounterMode``.
 * **Removed channels.** An output channel whose every weight is masked is *removed*: the
   pruned model zeroes its bias and the scale and shift of the batch norms that follow it
-  (``NetGraph.channel_norms``), so the channel is exactly zero. The multiply-adds that the
+  (``NetGraph.batch_norms``), so the channel is exactly zero. The multiply-adds that the
   layer's consumers (``NetGraph.consumers``: layers reached through zero-preserving,
   channel-preserving operators only) perform on that input channel are then dead and an
   engine skips them; they are subtracted. Nothing is subtracted across an add, a concat or

@@ -4,7 +4,8 @@
 masks applied, removed channels zeroed, batch norms recalibrated) and trains it on the
 ``train`` split. The pruning is *held*, not approximately kept:
 
-* every held parameter has a keep-mask (:func:`held_masks`): the prunable layers' weights
+* every held parameter has a keep-mask (:meth:`PruningProblem.held_masks`, the same masks
+  the env applied to score the policy): the prunable layers' weights
   (the pattern assignment), and, for every fully removed output channel, the layer's bias
   and the scale and shift of the batch norms after it (which is what makes the channel
   exactly zero, and its consumers' multiply-adds dead, in the cost model);
@@ -91,36 +92,6 @@ def _as_env(env_or_record):
     return env_or_record, None, False
 
 
-def _indices(problem, policy: Sequence[int] | Sequence[str]) -> list[int]:
-    policy = list(policy)
-    if policy and all(isinstance(a, str) for a in policy):
-        idx = problem.actions_from_names(policy)
-    else:
-        idx = [int(a) for a in policy]
-    problem.check_policy(idx)
-    return idx
-
-
-def held_masks(problem, policy: Sequence[int]) -> dict[str, torch.Tensor]:
-    """``{parameter name: bool keep-mask}`` of every parameter a policy holds at zero.
-
-    Mirrors :meth:`PruningProblem.apply_policy`: each prunable layer's weight gets its
-    action's mask; where an output channel is fully removed, the layer's bias and the
-    following batch norms' ``weight``/``bias`` are held at zero on that channel.
-    """
-    masks: dict[str, torch.Tensor] = {}
-    for i, layer in enumerate(problem.layers):
-        m = problem.mask(i, int(policy[i]))
-        masks[f"{layer.name}.weight"] = m.clone()
-        alive = m.flatten(1).any(dim=1)
-        if layer.bias is not None:
-            masks[f"{layer.name}.bias"] = alive.clone()
-        for norm in layer.norms:
-            masks[f"{norm}.weight"] = alive.clone()
-            masks[f"{norm}.bias"] = alive.clone()
-    return masks
-
-
 def _targets(
     model: nn.Module, masks: dict[str, torch.Tensor]
 ) -> list[tuple[nn.Parameter, torch.Tensor]]:
@@ -136,14 +107,6 @@ def _targets(
             )
         out.append((p, ~keep.to(device=p.device, dtype=torch.bool)))
     return out
-
-
-def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """Set every masked entry of ``model``'s parameters to exactly zero (in place)."""
-    with torch.no_grad():
-        for p, drop in _targets(model, masks):
-            p.masked_fill_(drop, 0.0)
-    return model
 
 
 def check_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
@@ -236,7 +199,7 @@ def finetune(
 
     Returns:
         ``(model, masks)``: the fine-tuned network in eval mode, and ``{parameter name:
-        bool keep-mask}`` (:func:`held_masks`); every masked entry of ``model`` is exactly 0.
+        bool keep-mask}`` (:meth:`PruningProblem.held_masks`); every masked entry of ``model`` is exactly 0.
     """
     env, record, owned = _as_env(env_or_record)
     try:
@@ -246,12 +209,13 @@ def finetune(
                 raise ValueError("pass a policy, or a record whose actions are fine-tuned")
             policy = record.actions
         problem = base.problem
-        idx = _indices(problem, policy)
+        idx = problem.policy_indices(policy)
+        problem.check_policy(idx)
         kwargs = base.env_kwargs
         dataset = kwargs["dataset"]
         recipe = default_recipe(dataset) if recipe is None else recipe
         model = base.pruned_model(idx)
-        masks = held_masks(problem, idx)
+        masks = problem.held_masks(idx)
         check_masks(model, masks)
         data = train_subset(dataset, train_samples, kwargs.get("data_dir"))
         train_held(model, masks, data, recipe, seed=seed, progress=progress, desc="fine-tune")

@@ -51,6 +51,7 @@ import traceback
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import gymnasium
@@ -87,8 +88,8 @@ OP_TYPES: tuple[str, ...] = (
     "other",
 )
 EDGE_TYPES: tuple[str, ...] = ("forward", "residual", "coupling")
-
-_FORWARD, _RESIDUAL, _COUPLING = range(3)
+FORWARD, RESIDUAL, COUPLING = (EDGE_TYPES.index(t) for t in EDGE_TYPES)
+"""Indices of :data:`EDGE_TYPES` (the ``edges`` of a ``GraphInstance``)."""
 
 
 class TraceError(TypeError):
@@ -151,7 +152,7 @@ class NetGraph:
     dense_params: int
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     _consumers: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
-    _norms: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
+    _batch_norms: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._layer_pos = {name: i for i, name in enumerate(self.layers)}
@@ -198,52 +199,38 @@ class NetGraph:
         self._pos(layer)
         return list(self._consumers.get(layer, []))
 
-    def channel_norms(self, layer: str) -> list[str]:
-        """Batch-norm modules that normalise ``layer``'s output channels directly.
+    def batch_norms(self, layer: str) -> list[str]:
+        """Names of the batch-norm modules that normalise ``layer``'s output channels directly.
 
         These sit on the channel-preserving paths from the layer (before any add); a pruned
         model zeroes their scale and shift on a fully removed channel, which is what makes
         the channel exactly zero for :meth:`consumers`.
         """
         self._pos(layer)
-        return list(self._norms.get(layer, []))
+        return list(self._batch_norms.get(layer, []))
 
     def to_graph_instance(self, node_features: np.ndarray) -> gymnasium.spaces.GraphInstance:
         """Package node features with this graph's typed edges for a ``spaces.Graph``.
 
         Args:
-            node_features: ``[N, F]`` array, one row per node.
+            node_features: ``[N, F]`` array, one row per node (copied).
 
         Returns:
             ``GraphInstance`` with ``nodes`` float32 ``[N, F]``, ``edges`` int64 ``[E]``
-            (edge types) and ``edge_links`` int64 ``[E, 2]``.
+            (indices of :data:`EDGE_TYPES`) and ``edge_links`` int64 ``[E, 2]``.
         """
-        x = self._check_features(node_features)
-        links = np.array([(s, d) for s, d, _ in self.edges], dtype=np.int64).reshape(-1, 2)
-        types = np.array([t for _, _, t in self.edges], dtype=np.int64)
-        return gymnasium.spaces.GraphInstance(nodes=x, edges=types, edge_links=links)
-
-    def to_pyg(self, node_features: np.ndarray) -> torch_geometric.data.Data:
-        """The same graph as a ``torch_geometric.data.Data``.
-
-        Returns:
-            ``Data`` with ``x`` float32 ``[N, F]``, ``edge_index`` long ``[2, E]`` and
-            ``edge_type`` long ``[E]``.
-        """
-        from torch_geometric.data import Data
-
-        x = torch.from_numpy(self._check_features(node_features))
-        edge_index = torch.tensor([(s, d) for s, d, _ in self.edges], dtype=torch.long)
-        edge_type = torch.tensor([t for _, _, t in self.edges], dtype=torch.long)
-        return Data(x=x, edge_index=edge_index.reshape(-1, 2).t().contiguous(), edge_type=edge_type)
-
-    def _check_features(self, node_features: np.ndarray) -> np.ndarray:
-        x = np.asarray(node_features, dtype=np.float32)
+        x = np.array(node_features, dtype=np.float32)
         if x.ndim != 2 or x.shape[0] != len(self.nodes):
             raise ValueError(
                 f"node_features must have shape [{len(self.nodes)}, F], got {tuple(x.shape)}"
             )
-        return x
+        types, links = self._edge_arrays
+        return gymnasium.spaces.GraphInstance(nodes=x, edges=types.copy(), edge_links=links.copy())
+
+    @cached_property
+    def _edge_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        links = np.array([(s, d) for s, d, _ in self.edges], dtype=np.int64).reshape(-1, 2)
+        return np.array([t for _, _, t in self.edges], dtype=np.int64), links
 
     def _pos(self, layer: str) -> int:
         if layer not in self._layer_pos:
@@ -254,6 +241,26 @@ class NetGraph:
         if self.model is None:
             return None
         return self.model.get_submodule(layer.rpartition(".")[0])
+
+
+def to_pyg(observation: gymnasium.spaces.GraphInstance) -> torch_geometric.data.Data:
+    """A graph observation as a ``torch_geometric.data.Data`` (for GNN policies).
+
+    Returns:
+        ``Data`` with ``x`` float32 ``[N, F]``, ``edge_index`` long ``[2, E]`` and
+        ``edge_type`` long ``[E]`` (indices of :data:`EDGE_TYPES`). Batch a list of them
+        with ``torch_geometric.data.Batch.from_data_list``.
+    """
+    from torch_geometric.data import Data
+
+    return Data(
+        x=torch.as_tensor(observation.nodes, dtype=torch.float32),
+        edge_index=torch.as_tensor(observation.edge_links, dtype=torch.long)
+        .reshape(-1, 2)
+        .t()
+        .contiguous(),
+        edge_type=torch.as_tensor(observation.edges, dtype=torch.long),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -777,7 +784,7 @@ def build_graph(
             activations = [s for s in srcs if fx_of[s].op != "get_attr"]
             main = max(activations, key=lambda s: (depth[s], s), default=None)
             skips = {s for s in activations if s != main}
-        edges.extend((s, dst, _RESIDUAL if s in skips else _FORWARD) for s in srcs)
+        edges.extend((s, dst, RESIDUAL if s in skips else FORWARD) for s in srcs)
 
     # Prunable layers: Conv2d / Linear modules called exactly once, unless ignored.
     ignored = set(ignored_layers)
@@ -814,12 +821,10 @@ def build_graph(
     layers = list(layer_of_node.values())
 
     groups = _coupling_groups(model, kept, info, nodes, layer_of_node)
-    consumers, norms = _consumers(kept, info, nodes, layer_of_node)
+    consumers, batch_norms = _consumers(kept, info, nodes, layer_of_node)
     node_of_layer = dict(zip(layers, layer_nodes))
     for g in groups:
-        edges.extend(
-            (node_of_layer[a], node_of_layer[b], _COUPLING) for a in g for b in g if a != b
-        )
+        edges.extend((node_of_layer[a], node_of_layer[b], COUPLING) for a in g for b in g if a != b)
 
     return NetGraph(
         nodes=nodes,
@@ -831,7 +836,7 @@ def build_graph(
         dense_params=sum(p.numel() for p in model.parameters()),
         model=model,
         _consumers=consumers,
-        _norms=norms,
+        _batch_norms=batch_norms,
     )
 
 
@@ -921,7 +926,7 @@ def _consumers(
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Forward walk from each layer through dead-channel-preserving operators."""
     consumers: dict[str, list[str]] = {}
-    norms: dict[str, list[str]] = {}
+    batch_norms: dict[str, list[str]] = {}
     for idx, name in layer_of_node.items():
         start = next(n for n, i in kept.items() if i == idx)
         found: list[int] = []
@@ -957,8 +962,8 @@ def _consumers(
                     seen.add(nxt)
                     stack.append(nxt)
         consumers[name] = [layer_of_node[i] for i in sorted(set(found))]
-        norms[name] = list(dict.fromkeys(bns))
-    return consumers, norms
+        batch_norms[name] = list(dict.fromkeys(bns))
+    return consumers, batch_norms
 
 
 def _channel_axis_in(node: Node) -> int:

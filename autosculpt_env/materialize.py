@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import NetGraph, build_graph
+from .graph import COUPLING, NetGraph, build_graph
 
 
 class MaterializeError(ValueError):
@@ -242,10 +242,10 @@ def _reaches_only(graph: NetGraph, layer: str, allowed: set[str]) -> bool:
     """Whether every path from ``layer``'s output passes only per-channel operators (its
     own batch norms, activations, pools, flatten) and ends at layers in ``allowed``."""
     layer_at = dict(zip(graph.layer_nodes, graph.layers))
-    norms = set(graph.channel_norms(layer))
+    norms = set(graph.batch_norms(layer))
     succ: dict[int, list[int]] = {}
     for s, d, t in graph.edges:
-        if t != 2:
+        if t != COUPLING:
             succ.setdefault(s, []).append(d)
     stack, seen = [graph.layer_nodes[graph.layers.index(layer)]], set()
     while stack:
@@ -572,7 +572,7 @@ def _fold(
     for name in rows_of:
         _permute_rows(model.get_submodule(name), perm)
         masks[name] = masks[name][perm]
-        for bn in graph.channel_norms(name):
+        for bn in graph.batch_norms(name):
             _permute_rows(model.get_submodule(bn), perm)
     for c in consumers:
         _permute_cols(model.get_submodule(c), perm)

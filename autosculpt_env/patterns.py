@@ -33,6 +33,9 @@ Catalogs (:data:`CATALOGS`, picked with :func:`get_catalog`):
 * ``structured``: ``level_0.0 ... level_0.9`` of whole output channels; attention heads for
   attention projections.
 
+A new catalog is one :func:`register_catalog` call: envs, records, ``autosculpt info`` and
+the README's catalog table read it from :data:`CATALOGS`.
+
 Attention head pruning needs the module's head count, which the weight does not carry:
 :meth:`Catalog.mask` and :meth:`Catalog.valid_for` take ``num_heads`` and ``head_axis``
 (0: the heads are blocks of output rows, as in ``q``, ``k``, ``v``; 1: blocks of input
@@ -130,14 +133,20 @@ class Catalog:
     """A named list of actions; the action index is the environment's discrete action.
 
     Attributes:
-        name: catalog name.
+        name: catalog name; its identity in episode records (see :func:`register_catalog`).
         actions: the actions, in action-index order.
         description: one paragraph for humans.
+        group_ranking: rank a layer's output channels by the summed L2 norms of its coupling
+            group (Torch-Pruning's group importance) instead of its own, so coupled layers
+            (the convolutions meeting at a residual add, q/k/v of one attention module)
+            remove nested subsets of the same channels or heads. Useful where actions
+            remove whole channels.
     """
 
     name: str
     actions: tuple[Action, ...]
     description: str = ""
+    group_ranking: bool = False
 
     def __post_init__(self) -> None:
         names = [a.name for a in self.actions]
@@ -153,6 +162,29 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self.actions)
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        """The layer kinds some non-dense action applies to, in :data:`LAYER_KINDS` order."""
+        dense = self.dense_action()
+        used = {k for i, a in enumerate(self.actions) if i != dense for k in a.applies_to}
+        return [k for k in LAYER_KINDS if k in used]
+
+    @property
+    def engines(self) -> list[str]:
+        """Inference engines that run some non-dense action natively, first seen first."""
+        dense = self.dense_action()
+        found = [e for i, a in enumerate(self.actions) if i != dense for e in a.engines]
+        return list(dict.fromkeys(found))
+
+    def signature(self) -> tuple:
+        """What identifies the catalog's content in a record: name, and per action its name,
+        sparsity and layer kinds (rules are code and are not compared)."""
+        return (
+            self.name,
+            tuple((a.name, a.sparsity, tuple(sorted(a.applies_to))) for a in self.actions),
+            self.group_ranking,
+        )
 
     def dense_action(self) -> int:
         """Index of the action that keeps every weight (the first with sparsity 0)."""
@@ -264,14 +296,14 @@ def _round(x: float) -> int:
     return math.floor(x + 0.5 + 1e-9)
 
 
-def channel_norms(weight: torch.Tensor) -> torch.Tensor:
+def channel_l2_norms(weight: torch.Tensor) -> torch.Tensor:
     """L2 norm of each output channel's weights, float64 ``(O,)``."""
     return weight.detach().double().flatten(1).norm(dim=1)
 
 
 def _scores(weight: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
     if scores is None:
-        return channel_norms(weight)
+        return channel_l2_norms(weight)
     s = torch.as_tensor(scores, device=weight.device).detach().double().flatten()
     if s.numel() != weight.shape[0]:
         raise ValueError(
@@ -728,25 +760,61 @@ def structured_catalog() -> Catalog:
         "structured",
         actions,
         "Channel pruning (filters / neurons, lowest-ranked first) and attention-head pruning.",
+        group_ranking=True,
     )
 
 
-CATALOGS: dict[str, Callable[[], Catalog]] = {
-    "autosculpt": autosculpt_catalog,
-    "patdnn": patdnn_catalog,
-    "nm": nm_catalog,
-    "structured": structured_catalog,
-}
+CATALOGS: dict[str, Catalog] = {}
+"""Registered catalogs by name (:func:`register_catalog`); ``catalog="NAME"`` picks one."""
+BUILTIN_CATALOGS = ("autosculpt", "patdnn", "nm", "structured")
+
+
+def register_catalog(catalog: Catalog) -> Catalog:
+    """Make ``catalog`` known by its name: ``gym.make(..., catalog=NAME)``, episode records
+    that name it, ``autosculpt info`` and the README's catalog table all read it from here.
+
+    An env built with a :class:`Catalog` object registers it, so its records replay in the
+    same process; in another process, register the catalog again before replaying. A later
+    registration of another catalog under the same name replaces it, except for the built-in
+    names, which cannot be taken.
+
+    Returns:
+        ``catalog``.
+
+    Raises:
+        ValueError: the name is a built-in catalog's and the content differs.
+    """
+    if not isinstance(catalog, Catalog):
+        raise TypeError(f"register_catalog takes a Catalog, got {type(catalog).__name__}")
+    known = CATALOGS.get(catalog.name)
+    if (
+        known is not None
+        and catalog.name in BUILTIN_CATALOGS
+        and known.signature() != catalog.signature()
+    ):
+        raise ValueError(
+            f"catalog name {catalog.name!r} is a built-in catalog's; give yours another name"
+        )
+    CATALOGS[catalog.name] = catalog
+    return catalog
+
+
+for _factory in (autosculpt_catalog, patdnn_catalog, nm_catalog, structured_catalog):
+    register_catalog(_factory())
 
 
 def get_catalog(catalog: str | Catalog) -> Catalog:
-    """A catalog by name (a :class:`Catalog` passes through).
+    """A registered catalog by name (a :class:`Catalog` passes through).
 
     Raises:
-        ValueError: unknown name; the message lists the known ones.
+        ValueError: unknown name; the message lists the registered ones.
     """
     if isinstance(catalog, Catalog):
         return catalog
     if catalog not in CATALOGS:
-        raise ValueError(f"unknown pattern catalog {catalog!r}; known: {', '.join(CATALOGS)}")
-    return CATALOGS[catalog]()
+        raise ValueError(
+            f"unknown pattern catalog {catalog!r}; known: {', '.join(CATALOGS)} (a custom "
+            "catalog is known once autosculpt_env.patterns.register_catalog(catalog) ran in "
+            "this process)"
+        )
+    return CATALOGS[catalog]

@@ -14,9 +14,10 @@ Conventions:
 * A filter (output channel) whose weights are all masked removes the channel: its bias and
   the affine parameters of the batch norm right after it are zeroed too, so the channel is
   exactly zero and consumers' multiply-adds on it are dead (see :mod:`autosculpt_env.cost`).
-* The ``structured`` catalog ranks channels by their coupling group's summed filter norms,
-  so coupled layers (e.g. the convolutions meeting at a residual add) remove nested subsets
-  of the same channels; other catalogs rank each layer's filters by their own norms.
+* A catalog with ``group_ranking`` (``structured``) ranks channels by their coupling group's
+  summed filter L2 norms, so coupled layers (e.g. the convolutions meeting at a residual add)
+  remove nested subsets of the same channels; other catalogs rank each layer's filters by
+  their own L2 norms.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import nn
 from . import data as data_mod
 from . import zoo
 from .cost import CostTable, build_cost_table
-from .graph import NetGraph, build_graph
+from .graph import COUPLING, NetGraph, build_graph
 from .patterns import Catalog, get_catalog
 
 
@@ -47,7 +48,9 @@ class LayerInfo:
     kind: str
     weight: torch.Tensor  # the pretrained weight (a private clone)
     bias: torch.Tensor | None
-    norms: list[str]  # batch norms on the layer's channel-preserving paths (zeroed with a channel)
+    batch_norms: list[
+        str
+    ]  # batch norms on the layer's channel-preserving paths (zeroed with a channel)
     heads: tuple[int, int] | None = None  # (num_heads, head_axis) of attention projections
     energy: float = 0.0
     valid: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
@@ -77,7 +80,7 @@ def output_layers(graph: NetGraph) -> list[str]:
     layer_at = dict(zip(graph.layer_nodes, graph.layers))
     into: dict[int, list[int]] = {}
     for src, dst, etype in graph.edges:
-        if etype != 2:  # data flow only, not coupling
+        if etype != COUPLING:  # data flow only
             into.setdefault(dst, []).append(src)
     out, stack, seen = [], [len(graph.nodes) - 1], set()
     while stack:
@@ -205,7 +208,6 @@ class PruningProblem:
             )
         self.graph: NetGraph = graph
         modules = dict(self.model.named_modules())
-        self._modules = modules
         self.layers: list[LayerInfo] = []
         for name in self.graph.layers:
             mod = modules[name]
@@ -217,7 +219,7 @@ class PruningProblem:
                 kind=self.graph.layer_kind(name),
                 weight=w,
                 bias=None if mod.bias is None else mod.bias.detach().clone(),
-                norms=self.graph.channel_norms(name),
+                batch_norms=self.graph.batch_norms(name),
                 heads=heads,
                 energy=float(w.pow(2).sum()),
             )
@@ -227,6 +229,16 @@ class PruningProblem:
             )
             self.layers.append(layer)
         check_tied_weights(self.model, self.graph.layers, self.ignored_layers)
+        # pretrained values of every parameter a policy may hold at zero (held_masks)
+        params = dict(self.model.named_parameters())
+        self._pretrained: dict[str, torch.Tensor] = {}
+        for layer in self.layers:
+            self._pretrained[f"{layer.name}.weight"] = layer.weight
+            if layer.bias is not None:
+                self._pretrained[f"{layer.name}.bias"] = layer.bias
+            for name in (f"{bn}.{p}" for bn in layer.batch_norms for p in ("weight", "bias")):
+                if name in params:
+                    self._pretrained[name] = params[name].detach().clone()
         self.num_layers = len(self.layers)
         self.num_actions = len(self.catalog)
         self.valid = np.stack([layer.valid for layer in self.layers])  # (L, P)
@@ -243,26 +255,26 @@ class PruningProblem:
         return {} if heads is None else {"num_heads": heads[0], "head_axis": heads[1]}
 
     def _ranking_scores(self) -> list[torch.Tensor | None]:
-        """Group scores for the ``structured`` catalog: coupled layers rank channels alike.
+        """Group scores for catalogs with ``group_ranking``: coupled layers rank channels alike.
 
         A layer's per-channel score is the summed L2 norm of that channel's filters over its
         coupling group. An attention output projection takes the scores of its module's
         q/k/v group along its input (head) axis, so it drops the heads v drops.
         """
-        if self.catalog.name != "structured":
+        if not self.catalog.group_ranking:
             return [None] * self.num_layers
-        norms = {}
+        l2 = {}
         for layer in self.layers:
             axis = layer.heads[1] if layer.heads else 0
-            norms[layer.name] = layer.weight.transpose(0, axis).flatten(1).norm(dim=1)
+            l2[layer.name] = layer.weight.transpose(0, axis).flatten(1).norm(dim=1)
         scores: list[torch.Tensor | None] = []
         for layer in self.layers:
             name = layer.name
             if layer.heads and layer.heads[1] == 1:  # proj: follow its module's v
                 v = name.rsplit(".", 1)[0] + ".v"
-                name = v if v in norms else name
-            group = [g for g in self.graph.group_of(name) if norms[g].shape == norms[name].shape]
-            scores.append(torch.stack([norms[g] for g in group]).sum(0) if len(group) > 1 else None)
+                name = v if v in l2 else name
+            group = [g for g in self.graph.group_of(name) if l2[g].shape == l2[name].shape]
+            scores.append(torch.stack([l2[g] for g in group]).sum(0) if len(group) > 1 else None)
         return scores
 
     # ---------------------------------------------------------------------- masks
@@ -343,33 +355,52 @@ class PruningProblem:
                 f"unknown action name {e.args[0]!r}; catalog {self.catalog.name} has {list(lookup)}"
             ) from None
 
+    def held_masks(
+        self, policy: Sequence[int], layers: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{parameter name: bool keep-mask}`` of every parameter a policy holds at zero.
+
+        Each prunable layer's weight gets its action's mask; where an output channel is
+        fully removed, the layer's bias and the affine ``weight``/``bias`` of the batch norms
+        after it (:meth:`NetGraph.batch_norms`) are held at zero on that channel, which is
+        what makes the channel exactly zero. The one definition used by
+        :meth:`apply_policy` (the network the env scores) and by fine-tuning
+        (:func:`autosculpt_env.finetune.finetune`, which holds these entries at zero).
+
+        Args:
+            policy: one action index per layer.
+            layers: only these layer indices (default: all).
+        """
+        masks: dict[str, torch.Tensor] = {}
+        for i in range(self.num_layers) if layers is None else layers:
+            layer, m = self.layers[i], self.mask(i, int(policy[i]))
+            masks[f"{layer.name}.weight"] = m.clone()
+            alive = m.flatten(1).any(dim=1)  # output channels not wholly removed
+            names = [f"{layer.name}.bias"] if layer.bias is not None else []
+            names += [f"{bn}.{p}" for bn in layer.batch_norms for p in ("weight", "bias")]
+            for name in names:
+                if name in self._pretrained:  # a batch norm without affine terms has none
+                    masks[name] = alive.clone()
+        return masks
+
     def apply_policy(
         self, model: nn.Module, policy: Sequence[int], layers: Sequence[int] | None = None
     ) -> None:
-        """Write the policy's masked weights into ``model`` (a structural copy of the network).
+        """Write the policy's masked parameters into ``model`` (a structural copy of the network).
 
-        Also zeroes the bias and the following batch-norm channel of every fully removed
-        filter (restoring the pretrained values of the others).
+        Every parameter of :meth:`held_masks` gets its pretrained value times its mask, so
+        fully removed filters also lose their bias and batch-norm scale and shift (and the
+        other channels get their pretrained values back).
 
         Args:
             model: the network to write into (never the problem's own ``self.model``).
             policy: one action per layer.
             layers: only rewrite these layer indices (default: all).
         """
-        modules = dict(model.named_modules())
-        src_modules = self._modules
+        params = dict(model.named_parameters())
         with torch.no_grad():
-            for i in range(self.num_layers) if layers is None else layers:
-                layer, m = self.layers[i], self.mask(i, int(policy[i]))
-                mod = modules[layer.name]
-                mod.weight.copy_(layer.weight * m)
-                removed = ~m.flatten(1).any(dim=1)  # whole output channels removed
-                if layer.bias is not None:
-                    mod.bias.copy_(layer.bias.masked_fill(removed, 0.0))
-                for norm in layer.norms:
-                    bn, src = modules[norm], src_modules[norm]
-                    bn.weight.copy_(src.weight.masked_fill(removed, 0.0))
-                    bn.bias.copy_(src.bias.masked_fill(removed, 0.0))
+            for name, keep in self.held_masks(policy, layers).items():
+                params[name].copy_(self._pretrained[name] * keep)
 
     # ----------------------------------------------------------------------- cost
     def policy_flops(self, policy: Sequence[int]) -> float:

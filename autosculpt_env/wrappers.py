@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from .features import STATE_NAMES, STATIC_BASE
+from .features import FeatureLayout
 
 
 class FlatObservation(gym.ObservationWrapper):
@@ -25,9 +25,10 @@ class FlatObservation(gym.ObservationWrapper):
 
     The vector is the current layer's row of the graph observation (operator type, shapes,
     FLOPs and params shares, weight statistics, per-action kept energy and FLOPs left,
-    episode state: FLOPs reduction so far, budget left, progress), followed by the nominal
-    sparsity of the previous layer's action (AMC's "previous action"). After the last
-    layer it is all zeros but the global state.
+    episode state: FLOPs reduction so far, FLOPs to the target, progress; columns named by
+    :attr:`feature_names`), followed by ``previous_sparsity``, the nominal sparsity of the
+    previous layer's action (AMC's "previous action"). After the last layer it is all zeros
+    but the global state and ``previous_sparsity``.
 
     Example:
         >>> import gymnasium as gym, autosculpt_env
@@ -36,40 +37,55 @@ class FlatObservation(gym.ObservationWrapper):
         >>> obs, info = env.reset(seed=0)
         >>> obs.shape == env.observation_space.shape and obs.dtype == np.float32
         True
-        >>> bool(env.action_masks()[0])
-        True
+        >>> float(obs[env.feature_names.index("current")]), bool(env.action_masks()[0])
+        (1.0, True)
     """
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
         base = env.unwrapped
-        P = base.num_actions
-        self._width = STATIC_BASE + 3 * P + len(STATE_NAMES)
-        self._current_col = STATIC_BASE + 3 * P + STATE_NAMES.index("current")
-        self._decided_col = STATIC_BASE + 3 * P + STATE_NAMES.index("decided")
-        self._sparsity_col = STATIC_BASE + 3 * P + STATE_NAMES.index("chosen_sparsity")
-        self._global_cols = slice(
-            STATIC_BASE + 3 * P + STATE_NAMES.index("flops_reduction"), self._width
-        )
+        self.layout: FeatureLayout = base.feature_layout
+        self.feature_names: list[str] = [*self.layout.names, "previous_sparsity"]
+        """Name of every entry of the observation vector."""
         self._rows = np.asarray(base.problem.graph.layer_nodes)
-        self.observation_space = spaces.Box(-np.inf, np.inf, (self._width + 1,), np.float32)
+        self._current = self.layout.column("current")
+        self._sparsity = self.layout.column("chosen_sparsity")
+        self._previous = self.layout.size  # the entry after the layer row
+        self.observation_space = spaces.Box(-np.inf, np.inf, (len(self.feature_names),), np.float32)
 
     def observation(self, observation: spaces.GraphInstance) -> np.ndarray:
-        x = observation.nodes
-        layer_rows = x[self._rows]
-        current = np.flatnonzero(layer_rows[:, self._current_col] > 0)
-        out = np.zeros(self._width + 1, dtype=np.float32)
+        layer_rows = observation.nodes[self._rows]
+        current = np.flatnonzero(layer_rows[:, self._current] > 0)
+        out = np.zeros(len(self.feature_names), dtype=np.float32)
         if current.size:
             t = int(current[0])
-            out[: self._width] = layer_rows[t]
-            out[self._width] = layer_rows[t - 1, self._sparsity_col] if t > 0 else 0.0
+            out[: self.layout.size] = layer_rows[t]
+            out[self._previous] = layer_rows[t - 1, self._sparsity] if t > 0 else 0.0
         else:
-            out[self._global_cols] = x[0, self._global_cols]
-            out[self._width] = layer_rows[-1, self._sparsity_col]
+            glob = self.layout.global_state
+            out[glob] = observation.nodes[0, glob]
+            out[self._previous] = layer_rows[-1, self._sparsity]
         return out
 
     def action_masks(self) -> np.ndarray:
         return self.env.unwrapped.action_masks()
+
+
+def nearest_valid(valid: np.ndarray, sparsity: np.ndarray, action: int) -> int:
+    """The valid action nearest in nominal sparsity to ``action`` (itself when valid).
+
+    Ties go to the sparser action, which keeps a FLOPs target reachable.
+
+    Args:
+        valid: bool ``(P,)``, the valid actions (an action mask).
+        sparsity: ``(P,)`` nominal sparsity of every action.
+        action: the wanted action index.
+    """
+    if valid[action]:
+        return int(action)
+    candidates = np.flatnonzero(valid)
+    dist = np.abs(sparsity[candidates] - sparsity[action]) - 1e-9 * sparsity[candidates]
+    return int(candidates[np.argmin(dist)])
 
 
 class ContinuousAction(gym.ActionWrapper):
@@ -77,8 +93,8 @@ class ContinuousAction(gym.ActionWrapper):
 
     ``a`` in [0, 1] picks the action whose position in the sparsity-sorted catalog is
     nearest to ``a * (P - 1)``; if that action is invalid for the current layer (e.g. the
-    budget wall masks it), the valid action with the nearest nominal sparsity is taken
-    instead (ties go to the sparser one, which keeps the FLOPs target reachable). The
+    action wall of the ``budget`` reward masks it), :func:`nearest_valid` takes the valid
+    action with the nearest nominal sparsity instead (ties go to the sparser one). The
     discrete action actually played is reported as ``info["discrete_action"]``.
 
     Example:
@@ -103,13 +119,9 @@ class ContinuousAction(gym.ActionWrapper):
     def action(self, action) -> int:
         x = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], 0.0, 1.0))
         pos = int(round(x * (len(self._order) - 1)))
-        a = int(self._order[pos])
-        mask = self.env.unwrapped.action_masks()
-        if not mask[a]:
-            valid = np.flatnonzero(mask)
-            dist = np.abs(self._sparsity[valid] - self._sparsity[a]) - 1e-9 * self._sparsity[valid]
-            a = int(valid[np.argmin(dist)])
-        return a
+        return nearest_valid(
+            self.env.unwrapped.action_masks(), self._sparsity, int(self._order[pos])
+        )
 
     def step(self, action):
         a = self.action(action)

@@ -11,11 +11,18 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from autosculpt_env import zoo
-from autosculpt_env.graph import EDGE_TYPES, OP_TYPES, NetGraph, TraceError, build_graph
+from autosculpt_env.graph import (
+    COUPLING,
+    EDGE_TYPES,
+    OP_TYPES,
+    RESIDUAL,
+    NetGraph,
+    TraceError,
+    build_graph,
+    to_pyg,
+)
 
 torch.set_num_threads(1)
-
-RESIDUAL, COUPLING = EDGE_TYPES.index("residual"), EDGE_TYPES.index("coupling")
 
 
 def example(dataset: str, batch: int = 1) -> torch.Tensor:
@@ -82,7 +89,7 @@ def test_dense_flops_and_op_types_on_mixed_model():
     assert graph.consumers("stem") == ["dw", "grouped", "branch"]
     assert graph.consumers("dw") == []
     assert graph.consumers("se") == []
-    assert graph.channel_norms("stem") == ["bn"]
+    assert graph.batch_norms("stem") == ["bn"]
 
 
 def test_structure_is_topological_and_groups_partition_layers():
@@ -307,7 +314,7 @@ def test_graph_instance_and_pyg_export():
         2,
     )
     assert set(instance.edges.tolist()) == {0, 1, 2}
-    data = graph.to_pyg(features)
+    data = to_pyg(instance)
     assert data.x.dtype == torch.float32 and tuple(data.x.shape) == (len(graph.nodes), 7)
     assert data.edge_index.dtype == torch.long and tuple(data.edge_index.shape) == (
         2,

@@ -17,7 +17,7 @@ from conftest import Mixed
 import autosculpt_env  # noqa: F401
 from autosculpt_env import data
 from autosculpt_env.evaluation import EVALUATIONS, RecoveryEvaluator
-from autosculpt_env.finetune import check_masks, held_masks, train_subset
+from autosculpt_env.finetune import check_masks, train_subset
 from autosculpt_env.problem import PruningProblem
 from autosculpt_env.reconstruction import Reconstruction
 
@@ -88,9 +88,9 @@ def test_recovery_holds_masks_exactly_and_starts_fresh_each_time():
         for _ in range(2)
     ]
     first = ev(policies[0])
-    check_masks(ev.net, held_masks(problem, policies[0]))
+    check_masks(ev.net, problem.held_masks(policies[0]))
     ev(policies[1])
-    check_masks(ev.net, held_masks(problem, policies[1]))
+    check_masks(ev.net, problem.held_masks(policies[1]))
     ev.cache.clear()  # scoring again after another policy gives the same value
     assert ev(policies[0]) == first
     # the recovery changed weights that plain masking leaves at their pretrained values

@@ -19,12 +19,13 @@ from ..evaluation import (
     ReconstructionEvaluator,
     RecoveryEvaluator,
 )
-from ..features import STATIC_BASE, num_features, static_features
+from ..features import FeatureLayout, static_features
 from ..graph import EDGE_TYPES
-from ..patterns import Catalog, get_catalog
+from ..patterns import Catalog, get_catalog, register_catalog
 from ..problem import PruningProblem
 from ..records import METRICS, EpisodeRecord
 from ..rewards import check_reward, terminal_reward
+from ..surrogate import proxied_mode
 
 _SHARED: dict[tuple, tuple] = {}
 
@@ -34,8 +35,6 @@ def _reward_evaluator(evaluation, problem, plain, dataset, data_dir, settings):
     reward_samples, recal, recovery_samples, calibration_samples = settings
     if evaluation == "accuracy":
         return plain
-    if evaluation == "proxy":
-        return ProxyEvaluator(plain, dataset)
     if evaluation == "reconstruction":
         return ReconstructionEvaluator(
             problem, dataset, data_dir, reward_samples, recal, calibration_samples
@@ -52,13 +51,14 @@ def _reward_evaluator(evaluation, problem, plain, dataset, data_dir, settings):
     )
 
 
-def _shared_problem(model, dataset, data_dir, catalog, settings, evaluation, ignored):
+def _shared_problem(model, dataset, data_dir, catalog, settings, evaluation, ignored, target):
     """Build (or reuse, for zoo models in this process) the problem and its evaluators.
 
     Envs of the same configuration (e.g. the copies inside a ``SyncVectorEnv``) share the
     graph, masks, cost table and the policy memos; they are deterministic, so sharing is
     safe. ``settings`` is ``(reward_samples, bn_recalibration_samples, recovery_samples,
-    calibration_samples)``.
+    calibration_samples)``. The proxy is shared per FLOPs target (its surrogate is fitted on
+    the policies episodes at that target play).
     """
     key = None
     if isinstance(model, str) and isinstance(catalog, str):
@@ -70,13 +70,24 @@ def _shared_problem(model, dataset, data_dir, catalog, settings, evaluation, ign
         plain = AccuracyEvaluator(problem, dataset, data_dir, settings[0], settings[1])
         static = static_features(problem)
         rewards = {}
-    if evaluation not in rewards:
-        rewards[evaluation] = _reward_evaluator(
-            evaluation, problem, plain, dataset, data_dir, settings
-        )
+
+    def evaluator_of(mode: str):
+        if mode not in rewards:
+            rewards[mode] = _reward_evaluator(mode, problem, plain, dataset, data_dir, settings)
+        return rewards[mode]
+
+    if evaluation == "proxy":
+        mode = proxied_mode(problem.model_name, problem.catalog.name)
+        if ("proxy", target) not in rewards:
+            rewards["proxy", target] = ProxyEvaluator(
+                problem, plain, dataset, mode, settings, target, lambda: evaluator_of(mode)
+            )
+        reward = rewards["proxy", target]
+    else:
+        reward = evaluator_of(evaluation)
     if key is not None:
         _SHARED[key] = (problem, plain, static, rewards)
-    return problem, plain, static, rewards[evaluation]
+    return problem, plain, static, reward
 
 
 class AutoSculptEnv(gym.Env):
@@ -205,6 +216,8 @@ class AutoSculptEnv(gym.Env):
                 f"render_mode {render_mode!r} is not supported; this env has no renderer"
             )
         data_mod.info(dataset)
+        if isinstance(catalog, Catalog):
+            register_catalog(catalog)  # its name goes into the records, which replay by name
         get_catalog(catalog)
         self.reward_name = check_reward(reward)
         if isinstance(target_flops_reduction, bool) or not isinstance(
@@ -281,21 +294,17 @@ class AutoSculptEnv(gym.Env):
             ),
             evaluation,
             None if ignored_layers is None else tuple(ignored_layers),
+            self.target,
         )
         p = self.problem
         self.num_layers, self.num_actions = p.num_layers, p.num_actions
         self.action_space = spaces.Discrete(self.num_actions)
-        F = num_features(self.num_actions)
+        self.feature_layout = FeatureLayout(tuple(p.catalog.action_names))
         self.observation_space = spaces.Graph(
-            node_space=spaces.Box(-np.inf, np.inf, (F,), np.float32),
+            node_space=spaces.Box(-np.inf, np.inf, (self.feature_layout.size,), np.float32),
             edge_space=spaces.Discrete(len(EDGE_TYPES)),
         )
-        self._edges = np.asarray([e[2] for e in p.graph.edges], dtype=np.int64)
-        self._links = np.asarray([(e[0], e[1]) for e in p.graph.edges], dtype=np.int64).reshape(
-            -1, 2
-        )
         self._layer_rows = np.asarray(p.graph.layer_nodes, dtype=np.int64)
-        self._E = STATIC_BASE + 3 * self.num_actions
 
         cost = p.cost
         self.dense_flops = float(cost.dense_flops)
@@ -303,10 +312,10 @@ class AutoSculptEnv(gym.Env):
         # AMC's action wall, exact: an action is valid when some completion of the policy
         # still meets the target (dead-channel savings included), so every policy with
         # FLOPs within the budget can be played, and every played policy meets it.
-        self._budget = (1.0 - self.target) * self.dense_flops * (1 + 1e-12)
+        self._max_flops = (1.0 - self.target) * self.dense_flops * (1 + 1e-12)
         if self.reward_name == "budget":
             least = cost.min_flops_from([])
-            if least > self._budget:
+            if least > self._max_flops:
                 raise ValueError(
                     f"target_flops_reduction={self.target} cannot be reached on {p.model_name} "
                     f"with catalog {p.catalog.name!r}: at most {1.0 - least / self.dense_flops:.3f} "
@@ -336,10 +345,11 @@ class AutoSculptEnv(gym.Env):
         return [layer.name for layer in self.problem.layers]
 
     # ------------------------------------------------------------------- internals
-    def _mask_at(self, t: int) -> np.ndarray:
-        valid = self.problem.valid[t].copy()
+    def _mask_after(self, decided: Sequence[int]) -> np.ndarray:
+        """The action mask of the layer after the ``decided`` ones."""
+        valid = self.problem.valid[len(decided)].copy()
         if self.reward_name == "budget":
-            valid &= self.problem.cost.min_flops_next(self._policy) <= self._budget
+            valid &= self.problem.cost.min_flops_next(decided) <= self._max_flops
         return valid
 
     def _current_flops(self) -> float:
@@ -349,19 +359,16 @@ class AutoSculptEnv(gym.Env):
         )
 
     def _obs(self) -> spaces.GraphInstance:
-        return spaces.GraphInstance(
-            nodes=self._x.copy(), edges=self._edges.copy(), edge_links=self._links.copy()
-        )
+        return self.problem.graph.to_graph_instance(self._x)
 
     def _write_state(self, flops: float) -> None:
-        E, x = self._E, self._x
-        reduction = 1.0 - flops / self.dense_flops
-        x[:, E + 4] = reduction
-        x[:, E + 5] = max(0.0, flops / self.dense_flops - (1.0 - self.target))
-        x[:, E + 6] = len(self._policy) / self.num_layers
-        x[:, E + 1] = 0.0
+        col, x = self.feature_layout.column, self._x
+        x[:, col("flops_reduction")] = 1.0 - flops / self.dense_flops
+        x[:, col("flops_to_target")] = max(0.0, flops / self.dense_flops - (1.0 - self.target))
+        x[:, col("progress")] = len(self._policy) / self.num_layers
+        x[:, col("current")] = 0.0
         if self._t is not None and self._t < self.num_layers:
-            x[self._layer_rows[self._t], E + 1] = 1.0
+            x[self._layer_rows[self._t], col("current")] = 1.0
 
     def _check_action(self, action) -> int:
         if isinstance(action, np.ndarray) and action.ndim == 0:
@@ -397,7 +404,7 @@ class AutoSculptEnv(gym.Env):
         self._t = 0
         self._policy = []
         self._x = self._static.copy()
-        self._mask = self._mask_at(0)
+        self._mask = self._mask_after([])
         self._write_state(self._current_flops())
         info = {
             "action_mask": self._mask.copy(),
@@ -412,17 +419,17 @@ class AutoSculptEnv(gym.Env):
         if self._t >= self.num_layers:
             raise ValueError("the episode has ended (every layer is decided); call reset()")
         a = self._check_action(action)
-        E, row = self._E, self._layer_rows[self._t]
-        self._x[row, E + 2] = 1.0
-        self._x[row, E + 3] = self._sparsity[a]
-        self._x[row, STATIC_BASE + 2 * self.num_actions + a] = 1.0
+        col, row = self.feature_layout.column, self._layer_rows[self._t]
+        self._x[row, col("decided")] = 1.0
+        self._x[row, col("chosen_sparsity")] = self._sparsity[a]
+        self._x[row, self.feature_layout.block("chosen").start + a] = 1.0
         self._policy.append(a)
         self._t += 1
         flops = self._current_flops()
         self._write_state(flops)
         reduction = 1.0 - flops / self.dense_flops
         if self._t < self.num_layers:
-            self._mask = self._mask_at(self._t)
+            self._mask = self._mask_after(self._policy)
             info = {
                 "action_mask": self._mask.copy(),
                 "layer": self.layer_names[self._t],
@@ -443,9 +450,6 @@ class AutoSculptEnv(gym.Env):
         if self._t is None:
             raise ValueError("call reset() before action_masks()")
         return self._mask.copy()
-
-    def _as_indices(self, policy: Sequence[int] | Sequence[str]) -> list[int]:
-        return self.problem.policy_indices(policy)
 
     def _metrics(self, policy: list[int]) -> dict:
         p = self.problem
@@ -476,6 +480,24 @@ class AutoSculptEnv(gym.Env):
             "policy": [self._action_names[a] for a in policy],
         }
 
+    def playable(self, policy: Sequence[int] | Sequence[str]) -> bool:
+        """Whether an episode may play ``policy``: every action passes the action mask of its
+        step (with the ``budget`` reward, AMC's action wall). Costs no reward evaluation and
+        leaves the episode in progress alone.
+
+        Raises:
+            ValueError: the policy does not have one action per layer.
+        """
+        idx = self.problem.policy_indices(policy)
+        if len(idx) != self.num_layers:
+            raise ValueError(
+                f"a policy needs {self.num_layers} actions (one per layer), got {len(idx)}"
+            )
+        for t, a in enumerate(idx):
+            if not 0 <= a < self.num_actions or not self._mask_after(idx[:t])[a]:
+                return False
+        return True
+
     def evaluate_policy(self, policy: Sequence[int] | Sequence[str]) -> dict:
         """Score a whole policy (one action index or name per layer) in one reward evaluation.
 
@@ -483,7 +505,7 @@ class AutoSculptEnv(gym.Env):
         Under the ``budget`` reward a policy that misses the FLOPs target is still scored
         (``meets_target=False``) so search baselines can see how far off it is.
         """
-        idx = self._as_indices(policy)
+        idx = self.problem.policy_indices(policy)
         self.problem.check_policy(idx)
         m = self._metrics(idx)
         m["meets_target"] = bool(m["flops_reduction"] >= self.target - 1e-12)
@@ -492,7 +514,7 @@ class AutoSculptEnv(gym.Env):
     def pruned_model(self, policy: Sequence[int] | Sequence[str]) -> nn.Module:
         """A new ``nn.Module``: the network with the policy's masks applied, removed channels
         zeroed and batch-norm statistics recalibrated (the network the reward scored)."""
-        idx = self._as_indices(policy)
+        idx = self.problem.policy_indices(policy)
         self.problem.check_policy(idx)
         return self.evaluator.calibrated_model(idx)
 
@@ -518,7 +540,7 @@ class AutoSculptEnv(gym.Env):
     def episode_record(self, policy: Sequence[int] | Sequence[str] | None = None) -> EpisodeRecord:
         """The replayable record of the last finished episode, or of ``policy`` if given."""
         if policy is not None:
-            idx = self._as_indices(policy)
+            idx = self.problem.policy_indices(policy)
             self.problem.check_policy(idx)
             return self._record(self._metrics(idx))
         if self._last_record is None:

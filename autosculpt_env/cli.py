@@ -88,21 +88,13 @@ def _cmd_zoo_train(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------- info
-REWARD_FORMULAS = {
-    "budget": "acc; actions that would miss the FLOPs target are masked (AMC's action wall); [0, 1]",
-    "band": "acc if |reduction - target| <= band_tolerance else acc - 1 (the paper's); [-1, 1]",
-    "log_flops": "-(1 - acc) * log(FLOPs) (AMC); (-inf, 0]",
-    "tradeoff": "acc + tradeoff_lambda * reduction; [0, 1 + lambda]",
-}
-
-
 def info_dict() -> dict:
     """What ``autosculpt info`` prints: env ids with kwargs, zoo, catalogs, rewards."""
     import inspect
 
     from . import REGISTERED_CONFIGS, zoo
     from .envs.autosculpt import AutoSculptEnv
-    from .patterns import CATALOGS, get_catalog
+    from .patterns import CATALOGS
     from .rewards import REWARDS
 
     defaults = {
@@ -121,11 +113,16 @@ def info_dict() -> dict:
         }
         for r in zoo.available()
     ]
-    catalogs = {}
-    for name in CATALOGS:
-        cat = get_catalog(name)
-        catalogs[name] = {"description": cat.description, "actions": cat.action_names}
-    rewards = {name: REWARD_FORMULAS.get(name, "") for name in REWARDS}
+    catalogs = {
+        name: {
+            "description": cat.description,
+            "actions": cat.action_names,
+            "layer_kinds": cat.layer_kinds,
+            "engines": cat.engines,
+        }
+        for name, cat in CATALOGS.items()
+    }
+    rewards = {name: f"{r.formula}; range {r.range}" for name, r in REWARDS.items()}
     return {"envs": envs, "zoo": models, "catalogs": catalogs, "rewards": rewards}
 
 
@@ -148,6 +145,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for name, c in d["catalogs"].items():
         print(f"  {name}: {c['description']}")
         print(f"    actions: {' '.join(c['actions'])}")
+        print(f"    layer kinds: {' '.join(c['layer_kinds'])}; engines: {', '.join(c['engines'])}")
     print("\nRewards (reward=...):")
     for name, formula in d["rewards"].items():
         print(f"  {name:<10} {formula}")
@@ -470,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true", help="print the manifests as JSON")
     lst.set_defaults(func=_cmd_zoo_list)
     tr = zoo_sub.add_parser("train", help="train a zoo entry on the train split")
-    tr.add_argument("--model", required=True, help="resnet20, vgg11, mobilenetv2 or vit")
+    tr.add_argument("--model", required=True, help="a zoo model (autosculpt zoo list)")
     tr.add_argument("--dataset", required=True, help="fashion-mnist or digits")
     tr.add_argument("--out", default=None, help="output folder (default $AUTOSCULPT_CACHE/zoo)")
     tr.add_argument("--data-dir", default=None, help="dataset folder")

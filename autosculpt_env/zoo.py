@@ -9,6 +9,10 @@ Loading checks the hash and never unpickles.
   produced by ``autosculpt zoo train --model M --dataset fashion-mnist --out autosculpt_env/zoo_weights``.
 * Digits entries train on first use (well under a minute) and are cached under
   ``$AUTOSCULPT_CACHE/zoo`` (default ``~/.cache/autosculpt/zoo``).
+
+A new zoo model is its architecture's module in :mod:`autosculpt_env.models` plus one
+:func:`register_model` call: env id, ``autosculpt info``, the README's tables and the
+registry-driven tests follow from :data:`ZOO`.
 """
 
 from __future__ import annotations
@@ -20,18 +24,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-
-from . import data as data_mod
-from .models import build
 from .records import default_file_mode
-from .training import Recipe, accuracy, train
+
+if TYPE_CHECKING:  # this module is read at package import (env ids): torch loads on use
+    from torch import nn
 
 SHIPPED_DIR = Path(__file__).parent / "zoo_weights"
-MODELS = ("resnet20", "vgg11", "mobilenetv2", "vit")
 
 
 class ZooError(RuntimeError):
@@ -40,21 +40,39 @@ class ZooError(RuntimeError):
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """A zoo configuration: which architecture, how wide, and how it is trained."""
+    """A zoo configuration: which architecture, how wide, and how it is trained.
+
+    Attributes:
+        model: the zoo model's name (``"resnet20"``).
+        dataset: the dataset it is trained on.
+        arch: a key of :data:`autosculpt_env.models.ARCHITECTURES`.
+        config: the architecture's keyword arguments (widths ...), as stored in the manifest.
+        recipe: keyword arguments of :class:`autosculpt_env.training.Recipe`.
+        seed: the training seed.
+    """
 
     model: str
     dataset: str
     arch: str
     config: dict = field(default_factory=dict)
-    recipe: Recipe = Recipe()
+    recipe: dict = field(default_factory=dict)
     seed: int = 0
 
     @property
     def key(self) -> str:
         return f"{self.model}-{self.dataset}"
 
+    def training_recipe(self, **changes):
+        """The :class:`~autosculpt_env.training.Recipe` of the entry (with ``changes``)."""
+        from .training import Recipe
+
+        return Recipe(**{**self.recipe, **changes})
+
     def build(self) -> nn.Module:
         """The untrained network, built for the entry's dataset."""
+        from . import data as data_mod
+        from .models import build
+
         info = data_mod.info(self.dataset)
         return build(
             self.arch,
@@ -65,9 +83,61 @@ class ZooEntry:
         )
 
 
-_FMNIST = "fashion-mnist"
-_DIGITS_RECIPE = Recipe(epochs=30, lr=0.05, batch_size=64, crop_padding=1, hflip=False)
-_DIGITS_VIT_RECIPE = Recipe(
+@dataclass(frozen=True)
+class ZooModel:
+    """A zoo model: its registered env id and its entries (one per dataset).
+
+    Attributes:
+        name: the model's name (``"resnet20"``), the env's ``model=``.
+        env_id: the id registered for it (``"AutoSculpt-ResNet"``): the model on
+            Fashion-MNIST, catalog ``autosculpt``, reward ``budget``, target 0.5.
+        title: the architecture for humans (``"ResNet-20"``).
+        entries: how it is built and trained on each dataset.
+    """
+
+    name: str
+    env_id: str
+    title: str
+    entries: tuple[ZooEntry, ...]
+
+
+ZOO: dict[str, ZooModel] = {}
+"""The zoo models by name (:func:`register_model`)."""
+ENTRIES: dict[tuple[str, str], ZooEntry] = {}
+"""Every ``(model, dataset)`` entry of :data:`ZOO`."""
+ENV_DATASET = "fashion-mnist"
+"""The dataset of the registered env ids (``dataset="digits"`` gives a fast twin)."""
+
+
+def register_model(model: ZooModel) -> ZooModel:
+    """Add a model to the zoo: one call makes its entries loadable, registers its env id
+    (``gym.make(model.env_id)``), and puts it in ``autosculpt info`` and the README's
+    generated tables; the registry-driven tests (every env id, every zoo model) pick it up.
+
+    Raises:
+        ValueError: the name or env id is taken by another model, or an entry names
+            another model.
+    """
+    for e in model.entries:
+        if e.model != model.name:
+            raise ValueError(f"entry {e.key} belongs to {e.model!r}, not to {model.name!r}")
+    clash = [m.name for m in ZOO.values() if m.env_id == model.env_id and m.name != model.name]
+    if clash or (model.name in ZOO and ZOO[model.name] != model):
+        raise ValueError(
+            f"zoo model {model.name!r} / env id {model.env_id!r} is taken by {clash or [model.name]}"
+        )
+    ZOO[model.name] = model
+    for e in model.entries:
+        ENTRIES[(e.model, e.dataset)] = e
+    import autosculpt_env
+
+    if hasattr(autosculpt_env, "register_envs"):  # not while the package is importing
+        autosculpt_env.register_envs()
+    return model
+
+
+_DIGITS_RECIPE = dict(epochs=30, lr=0.05, batch_size=64, crop_padding=1, hflip=False)
+_DIGITS_VIT_RECIPE = dict(
     epochs=60,
     optimizer="adamw",
     lr=2e-3,
@@ -76,53 +146,62 @@ _DIGITS_VIT_RECIPE = Recipe(
     crop_padding=1,
     hflip=False,
 )
-ENTRIES: dict[tuple[str, str], ZooEntry] = {}
 
 
-def _add(entry: ZooEntry) -> None:
-    ENTRIES[(entry.model, entry.dataset)] = entry
-
-
-_add(ZooEntry("resnet20", _FMNIST, "resnet20", {"width": 8}, Recipe(epochs=20, lr=0.1)))
-_add(ZooEntry("vgg11", _FMNIST, "vgg11", {"width_mult": 0.25}, Recipe(epochs=20, lr=0.05)))
-_add(
-    ZooEntry(
-        "mobilenetv2",
-        _FMNIST,
-        "mobilenetv2",
-        {"width_mult": 0.35, "last_channel": 256},
-        Recipe(epochs=15, lr=0.05, weight_decay=4e-5),
+def _model(name, env_id, title, arch, fmnist: tuple[dict, dict], digits: tuple[dict, dict]):
+    return register_model(
+        ZooModel(
+            name,
+            env_id,
+            title,
+            (
+                ZooEntry(name, ENV_DATASET, arch, *fmnist),
+                ZooEntry(name, "digits", arch, *digits),
+            ),
+        )
     )
+
+
+_model(
+    "resnet20",
+    "AutoSculpt-ResNet",
+    "ResNet-20",
+    "resnet20",
+    ({"width": 8}, dict(epochs=20, lr=0.1)),
+    ({"width": 8}, _DIGITS_RECIPE),
 )
-_add(
-    ZooEntry(
-        "vit",
-        _FMNIST,
-        "vit",
+_model(
+    "vgg11",
+    "AutoSculpt-VGG",
+    "VGG-11-BN",
+    "vgg11",
+    ({"width_mult": 0.25}, dict(epochs=20, lr=0.05)),
+    ({"width_mult": 0.25}, _DIGITS_RECIPE),
+)
+_model(
+    "mobilenetv2",
+    "AutoSculpt-MobileNet",
+    "MobileNetV2",
+    "mobilenetv2",
+    ({"width_mult": 0.35, "last_channel": 256}, dict(epochs=15, lr=0.05, weight_decay=4e-5)),
+    ({"width_mult": 0.35, "last_channel": 128}, _DIGITS_RECIPE),
+)
+_model(
+    "vit",
+    "AutoSculpt-ViT",
+    "ViT",
+    "vit",
+    (
         {"patch_size": 4, "depth": 4, "num_heads": 4, "dim": 64, "mlp_ratio": 2.0},
-        Recipe(epochs=30, optimizer="adamw", lr=2e-3, weight_decay=0.05, label_smoothing=0.1),
-    )
-)
-_add(ZooEntry("resnet20", "digits", "resnet20", {"width": 8}, _DIGITS_RECIPE))
-_add(ZooEntry("vgg11", "digits", "vgg11", {"width_mult": 0.25}, _DIGITS_RECIPE))
-_add(
-    ZooEntry(
-        "mobilenetv2",
-        "digits",
-        "mobilenetv2",
-        {"width_mult": 0.35, "last_channel": 128},
-        _DIGITS_RECIPE,
-    )
-)
-_add(
-    ZooEntry(
-        "vit",
-        "digits",
-        "vit",
+        dict(epochs=30, optimizer="adamw", lr=2e-3, weight_decay=0.05, label_smoothing=0.1),
+    ),
+    (
         {"patch_size": 2, "depth": 2, "num_heads": 4, "dim": 32, "mlp_ratio": 2.0},
         _DIGITS_VIT_RECIPE,
-    )
+    ),
 )
+MODELS: tuple[str, ...] = tuple(ZOO)
+"""The names of the built-in zoo models."""
 
 
 def cache_dir() -> Path:
@@ -270,6 +349,8 @@ def load(
             f"is corrupt or was replaced. Delete it and run `autosculpt zoo train --model "
             f"{model} --dataset {dataset}`."
         )
+    from safetensors.torch import load_file
+
     net = e.build()
     try:
         state = load_file(str(path))
@@ -307,7 +388,13 @@ def train_entry(
         The manifest that was written.
     """
     e = entry(model, dataset)
-    recipe = e.recipe if epochs is None else Recipe(**{**e.recipe.to_dict(), "epochs": epochs})
+    import torch
+    from safetensors.torch import save_file
+
+    from . import data as data_mod
+    from .training import accuracy, train
+
+    recipe = e.training_recipe() if epochs is None else e.training_recipe(epochs=epochs)
     seed = e.seed if seed is None else seed
     out = Path(out_dir) if out_dir is not None else cache_dir() / "zoo"
     out.mkdir(parents=True, exist_ok=True)

@@ -108,19 +108,19 @@ class AutoSculptEnv(gym.Env):
     output ...), directed edges for data flow typed ``forward`` (0), ``residual`` (1) and
     ``coupling`` (2, between layers whose channels must be pruned together). The node
     features have a fixed layout whose length depends only on the catalog
-    (``F = 35 + 3P``; 65 for ``autosculpt``), documented in
-    :mod:`autosculpt_env.features`: operator type, log-scaled shapes, FLOPs and params
-    shares, weight statistics, per action the weight energy kept and FLOPs left, and the
-    episode state (prunable, current, decided, chosen action, FLOPs reduction so far,
-    budget left, progress).
+    (``F = {FEATURES}``), named column by column by ``env.unwrapped.feature_layout``
+    (:class:`autosculpt_env.features.FeatureLayout`): operator type, log-scaled shapes,
+    FLOPs and params shares, weight statistics, per action the weight energy kept and FLOPs
+    left, and the episode state (prunable, current, decided, chosen action, FLOPs reduction
+    so far, FLOPs still to remove to reach the target, progress).
 
     ## Rewards
 
     0 on every step but the last. The terminal reward is chosen with ``reward=``
-    (formulas and ranges in :mod:`autosculpt_env.rewards`): ``budget`` (default; accuracy,
-    with AMC's action wall guaranteeing the FLOPs target), ``band`` (the paper's: accuracy
-    inside ``target ± band_tolerance``, accuracy − 1 outside), ``log_flops`` (AMC's
-    ``-(1 - acc) log FLOPs``), ``tradeoff`` (``acc + tradeoff_lambda * reduction``).
+    (:data:`autosculpt_env.rewards.REWARDS`; ``acc`` = accuracy, ``r`` = FLOPs reduction):
+
+{REWARDS}
+
     Accuracy is top-1 on the first ``reward_samples`` images of the ``reward`` split after
     batch-norm recalibration (``evaluation="accuracy"``), after a least-squares refit of the
     kept weights (``"reconstruction"``), after a short masked fine-tuning (``"recovery"``,
@@ -144,13 +144,14 @@ class AutoSculptEnv(gym.Env):
 
     ## Arguments
 
-    * ``model``: zoo name (``resnet20``, ``vgg11``, ``mobilenetv2``, ``vit``) or an
-      ``nn.Module`` with pretrained weights for ``dataset``.
+    * ``model``: zoo name ({MODELS}) or an ``nn.Module`` with pretrained weights for
+      ``dataset`` (``torch.nn`` transformer layers are rewritten into traceable equivalents
+      first, :mod:`autosculpt_env.traceable`).
     * ``dataset``: ``fashion-mnist`` (default), ``digits``, ``cifar10``, ``cifar100``.
     * ``data_dir``: dataset folder (default: ``$AUTOSCULPT_DATA_DIR`` or the standard one).
-    * ``catalog``: ``autosculpt`` (default), ``patdnn``, ``nm``, ``structured`` or a
-      :class:`~autosculpt_env.patterns.Catalog`.
-    * ``reward``: ``budget`` (default), ``band``, ``log_flops``, ``tradeoff``.
+    * ``catalog``: a registered catalog ({CATALOGS}; default ``autosculpt``) or a
+      :class:`~autosculpt_env.patterns.Catalog` (registered by its name, so records replay).
+    * ``reward``: {REWARD_NAMES} (default ``budget``).
     * ``target_flops_reduction``: in (0, 1), default 0.5.
     * ``reward_samples``: reward-split images scored, default 2048.
     * ``bn_recalibration_samples``: training images for batch-norm recalibration, default
@@ -170,10 +171,10 @@ class AutoSculptEnv(gym.Env):
     ## Registered Configurations
 
     * ``AutoSculpt-v0``: the generic env (defaults above, model ``resnet20``).
-    * ``AutoSculpt-ResNet`` (ResNet-20), ``AutoSculpt-VGG`` (VGG-11-BN),
-      ``AutoSculpt-MobileNet`` (MobileNetV2), ``AutoSculpt-ViT`` (ViT): the zoo models on
-      Fashion-MNIST, catalog ``autosculpt``, reward ``budget``, target 0.5. Every keyword
-      can be overridden: ``gym.make("AutoSculpt-ResNet", dataset="digits")`` is a fast twin.
+{REGISTERED}
+
+    Each zoo id fixes {ENV_DEFAULTS}. Every keyword can be overridden:
+    ``gym.make("AutoSculpt-ResNet", dataset="digits")`` is a fast twin.
 
     ## Version History
 
@@ -534,3 +535,32 @@ class AutoSculptEnv(gym.Env):
         if self._last_record is None:
             raise ValueError("no episode has finished yet; pass a policy or finish an episode")
         return self._last_record
+
+
+def _document(doc: str) -> str:
+    """Fill the docstring's generated parts from the registries (one source per fact)."""
+    from .. import ENV_DEFAULTS, zoo
+    from ..features import layout_rows
+    from ..patterns import CATALOGS
+    from ..rewards import REWARDS, reward_table
+
+    def names(items) -> str:
+        return ", ".join(f"``{n}``" for n in items)
+
+    parts = {
+        "{FEATURES}": layout_rows()[1],
+        "{REWARDS}": "\n".join(f"    {line}" for line in reward_table().splitlines()),
+        "{MODELS}": names(zoo.ZOO),
+        "{CATALOGS}": names(CATALOGS),
+        "{REWARD_NAMES}": names(REWARDS),
+        "{REGISTERED}": "\n".join(
+            f"    * ``{m.env_id}``: ``{m.name}`` ({m.title})" for m in zoo.ZOO.values()
+        ),
+        "{ENV_DEFAULTS}": ", ".join(f"``{k}={v!r}``" for k, v in ENV_DEFAULTS.items()),
+    }
+    for key, text in parts.items():
+        doc = doc.replace(key, text)
+    return doc
+
+
+AutoSculptEnv.__doc__ = _document(AutoSculptEnv.__doc__)

@@ -1,14 +1,17 @@
 """Model families of the zoo. Every constructor takes ``in_channels``, ``num_classes`` and
 ``image_size`` and every model traces with ``torch.fx``.
 
-:func:`build` makes a model from a registered architecture name (``"resnet20"``,
+Each module of this package declares the architectures it defines in a module-level
+``ARCHITECTURES`` dict (name -> constructor); this package collects them all, so a new
+architecture is one new module. :func:`build` makes a model from a name (``"resnet20"``,
 ``"vgg11"``, ``"mobilenetv2"``, ``"vit"`` ...) and keyword overrides.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
-from functools import partial
 
 from torch import nn
 
@@ -17,15 +20,14 @@ from .resnet import ResNet
 from .vgg import VGG
 from .vit import ViT
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    "resnet20": partial(ResNet, depth=20),
-    "resnet32": partial(ResNet, depth=32),
-    "resnet56": partial(ResNet, depth=56),
-    "vgg11": partial(VGG, depth=11),
-    "vgg16": partial(VGG, depth=16),
-    "mobilenetv2": MobileNetV2,
-    "vit": ViT,
-}
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+"""Every architecture of every module of this package, by name."""
+for _info in pkgutil.iter_modules(__path__):
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    for _name, _constructor in getattr(_module, "ARCHITECTURES", {}).items():
+        if _name in ARCHITECTURES:
+            raise ValueError(f"architecture {_name!r} is declared twice ({_module.__name__})")
+        ARCHITECTURES[_name] = _constructor
 
 
 def build(arch: str, **kwargs) -> nn.Module:

@@ -103,3 +103,6 @@ class MobileNetV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.flatten(self.pool(self.features(x)))
         return self.classifier(self.dropout(x))
+
+
+ARCHITECTURES = {"mobilenetv2": MobileNetV2}

@@ -102,3 +102,6 @@ class ViT(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))
         return self.head(x[:, 0])
+
+
+ARCHITECTURES = {"vit": ViT}

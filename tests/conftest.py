@@ -11,8 +11,17 @@ from autosculpt_env import data
 from autosculpt_env.models.vit import Attention
 
 # one thread: tests run beside other processes (subprocess agents, CI), and torch threads
-# oversubscribing 2 cores slow everything by orders of magnitude
+# oversubscribing 2 cores slow everything by orders of magnitude (training ~100x)
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts and ends with one torch thread (an agent run in-process or a
+    command's --threads may have changed it)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
 
 
 def fashion_mnist_available() -> bool:

@@ -11,7 +11,6 @@ import sys
 
 import gymnasium as gym
 import pytest
-import torch
 
 import autosculpt_env  # noqa: F401
 from autosculpt_env import cli
@@ -28,14 +27,6 @@ SUBCOMMANDS = [
     ["validate"],
     ["leaderboard"],
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("argv", SUBCOMMANDS, ids=lambda a: " ".join(a) or "autosculpt")

@@ -19,8 +19,6 @@ from autosculpt_env.cost import build_cost_table, masked_flops, masked_params
 from autosculpt_env.graph import NetGraph, build_graph
 from autosculpt_env.patterns import CATALOGS, Catalog, get_catalog
 
-torch.set_num_threads(1)
-
 MODELS = ("resnet20", "vgg11", "mobilenetv2", "vit")
 
 

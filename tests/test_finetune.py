@@ -16,15 +16,6 @@ from autosculpt_env import finetune as ft
 from autosculpt_env.training import Recipe, accuracy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: two threads on a busy 2-core machine make training ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def env():
     e = gym.make("AutoSculpt-ResNet", dataset="digits")

@@ -22,8 +22,6 @@ from autosculpt_env.graph import (
     to_pyg,
 )
 
-torch.set_num_threads(1)
-
 
 def example(dataset: str, batch: int = 1) -> torch.Tensor:
     size = 8 if dataset == "digits" else 28

@@ -10,8 +10,6 @@ import torch
 import autosculpt_env  # noqa: F401  (registers the ids)
 from autosculpt_env import latency as lat
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def problem():

@@ -16,8 +16,6 @@ from autosculpt_env import materialize as mat
 from autosculpt_env.materialize import MaterializeError, PatternConv2d, materialize
 from autosculpt_env.problem import PruningProblem
 
-torch.set_num_threads(1)
-
 ENV_IDS = ["AutoSculpt-ResNet", "AutoSculpt-VGG", "AutoSculpt-MobileNet", "AutoSculpt-ViT"]
 
 

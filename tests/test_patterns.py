@@ -27,8 +27,6 @@ from autosculpt_env.patterns import (
     patdnn_library,
 )
 
-torch.set_num_threads(1)
-
 SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )

@@ -23,7 +23,6 @@ from autosculpt_env.reconstruction import Reconstruction
 
 SCRIPT = """
 import json, random, torch
-torch.set_num_threads(1)
 import gymnasium as gym, autosculpt_env
 from autosculpt_env.evaluation import EVALUATIONS
 from autosculpt_env.fidelity import random_valid_policy

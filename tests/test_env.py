@@ -224,15 +224,25 @@ def test_a_tampered_record_fails_replay():
 
 
 def test_reward_uses_only_the_reward_split(monkeypatch):
+    from autosculpt_env import zoo
+    from autosculpt_env.envs import autosculpt as envmod
+
+    # outside the guard: training a digits entry on first use measures its test accuracy
+    zoo.load("mobilenetv2", "digits")
+    # inside it: a fresh problem and evaluators, whatever earlier tests left in the cache
+    monkeypatch.setattr(envmod, "_SHARED", {})
     real_load = data.load
+    calls = []
 
     def guarded(name, split, data_dir=None):
         assert split != "test", "the env touched the test split"
+        calls.append(split)
         return real_load(name, split, data_dir)
 
     monkeypatch.setattr(data, "load", guarded)
     env = gym.make("AutoSculpt-MobileNet", dataset="digits", reward_samples=100)
     random_episode(env, np.random.default_rng(5))
+    assert "reward" in calls  # the guard saw the env's loads
 
 
 def test_proxy_mode_is_cached_on_disk(tmp_path, monkeypatch):

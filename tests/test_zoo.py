@@ -1,8 +1,10 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import needs_fashion_mnist
+from safetensors.torch import load_file
 
 from autosculpt_env import data, zoo
 from autosculpt_env.cli import main as cli_main
@@ -76,15 +78,28 @@ def test_corrupt_weights_are_refused(tmp_path, monkeypatch):
 
 def test_stale_cache_is_retrained_not_misloaded(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOSCULPT_CACHE", str(tmp_path))
-    zoo.train_entry("vgg11", "digits", out_dir=tmp_path / "zoo", epochs=1, progress=False)
-    man = tmp_path / "zoo" / "vgg11-digits.json"
-    m = json.loads(man.read_text())
-    m["config"] = {"width_mult": 1.0}
-    man.write_text(json.dumps(m))
-    assert (
-        zoo.find("vgg11", "digits") is None
-        or zoo.find("vgg11", "digits")[0].parent != tmp_path / "zoo"
+    monkeypatch.delenv("AUTOSCULPT_ZOO_DIR", raising=False)
+    entry = zoo.entry("vgg11", "digits")
+    # one epoch keeps the retraining short; the entry's config is what must come back
+    monkeypatch.setitem(
+        zoo.ENTRIES, ("vgg11", "digits"), replace(entry, recipe={**entry.recipe, "epochs": 1})
     )
+    zoo.train_entry("vgg11", "digits", out_dir=tmp_path / "zoo", progress=False)
+    man = tmp_path / "zoo" / "vgg11-digits.json"
+    weights = man.with_suffix(".safetensors")
+    m = json.loads(man.read_text())
+    m["config"] = {"width_mult": 1.0}  # an older version of the entry
+    man.write_text(json.dumps(m))
+    assert zoo.find("vgg11", "digits") is None  # passed over, not misloaded
+
+    net = zoo.load("vgg11", "digits")  # retrains into the cache
+    fresh = json.loads(man.read_text())
+    assert fresh["config"] == entry.config and fresh["epochs"] == 1
+    assert fresh["sha256"] == zoo.sha256(weights)
+    assert zoo.find("vgg11", "digits") == (weights, fresh)
+    stored = load_file(str(weights))
+    assert stored.keys() == net.state_dict().keys()
+    assert all(torch.equal(stored[k], v) for k, v in net.state_dict().items())
 
 
 def test_unknown_entry_and_missing_weights(tmp_path, monkeypatch):

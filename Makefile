@@ -4,7 +4,7 @@ PY := .venv/bin/python
 ENV_ID ?= AutoSculpt-ResNet
 ARGS ?=
 
-.PHONY: setup run test lint format bench
+.PHONY: setup run test lint format
 
 setup:
 	@bash scripts/bootstrap.sh

@@ -24,7 +24,8 @@ from scipy.stats import truncnorm
 from tqdm.auto import tqdm
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
-from autosculpt_env.tracking import BestEpisode, Budget, check_args, finish_run, start_run
+from autosculpt_env.budget import limit_reward_evaluations
+from autosculpt_env.tracking import BestEpisode, check_args, finish_run, start_run
 from autosculpt_env.wrappers import ContinuousAction, FlatObservation
 
 
@@ -71,7 +72,8 @@ class Args:
     total_timesteps: int = 9600
     """total env steps (one step = one layer decision); only whole episodes are played"""
     max_reward_evaluations: int | None = None
-    """stop after this many reward evaluations (finished episodes); the leaderboard's budget"""
+    """the reward-evaluation budget (finished episodes), counted and enforced by the env; when
+    given, it is the run's length (total_timesteps is ignored)"""
     actor_learning_rate: float = 1e-4
     """the learning rate of the actor's optimizer (AMC: 1e-4)"""
     critic_learning_rate: float = 1e-3
@@ -216,7 +218,7 @@ if __name__ == "__main__":
     base = env.unwrapped
     num_features = env.observation_space.shape[0]
     best = BestEpisode(env, run_dir, extra={"agent": args.exp_name, "seed": args.seed})
-    budget = Budget(args.max_reward_evaluations)
+    budget = limit_reward_evaluations(args.max_reward_evaluations)  # the env keeps the count
 
     actor = Actor(num_features, args.hidden_dim).to(device)
     qf1 = QNetwork(num_features, args.hidden_dim).to(device)
@@ -231,8 +233,9 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: start the game
     global_step = 0
     start_time = time.time()
-    num_episodes = args.total_timesteps // base.num_layers
-    total = min(num_episodes, args.max_reward_evaluations or num_episodes)
+    # the budget, when given, is the run's length (one reward evaluation per episode)
+    num_episodes = budget.limit or args.total_timesteps // base.num_layers
+    total = num_episodes
     bar = tqdm(total=total, disable=not args.progress, unit="eval", dynamic_ncols=True)
     obs, _ = env.reset(seed=args.seed)
     baseline = None
@@ -255,18 +258,16 @@ if __name__ == "__main__":
 
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs, reward, terminated, truncated, info = env.step(np.array([action], np.float32))
-            budget.add(steps=1)
             trajectory.append((obs, next_obs, action, terminated))
             obs = next_obs
-        budget.add(evaluations=1)
         bar.update(1)
-        improved = best.update(info, float(reward), budget.reward_evaluations, global_step)
+        improved = best.update(info, float(reward), global_step)
         writer.add_scalar("charts/episodic_return", reward, global_step)
         writer.add_scalar("charts/episodic_length", base.num_layers, global_step)
         writer.add_scalar("charts/accuracy", info["accuracy"], global_step)
         writer.add_scalar("charts/flops_reduction", info["flops_reduction"], global_step)
         writer.add_scalar("charts/best_reward", best.reward, global_step)
-        writer.add_scalar("charts/reward_evaluations", budget.reward_evaluations, global_step)
+        writer.add_scalar("charts/reward_evaluations", info["reward_evaluations"], global_step)
         if not warmup:
             writer.add_scalar("charts/exploration_sigma", sigma, global_step)
         if improved:
@@ -323,7 +324,7 @@ if __name__ == "__main__":
     env.close()
     finish_run(writer, args.track)
     print(
-        f"{args.env_id}: {global_step} env steps, {budget.reward_evaluations} reward evaluations, {time.time() - start_time:.0f}s"
+        f"{args.env_id}: {global_step} env steps, {budget.used} reward evaluations, {time.time() - start_time:.0f}s"
     )
     print(best.summary())
-    raise SystemExit(best.exit_status(budget))
+    raise SystemExit(best.exit_status())

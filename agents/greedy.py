@@ -14,7 +14,9 @@
 # estimated by the weight energy a level removes (1 - kept energy, free to compute). What is
 # left after the final policy goes to a local search: neighbours of the best policy (one layer
 # lowered by one level, the others greedily raised again to meet the target), best predicted
-# first, moving to a neighbour whenever it scores better.
+# first, moving to a neighbour whenever it scores better. Results are compared at equal FLOPs:
+# the raise that meets the target is chosen to stay inside the FLOPs band (target to target +
+# the env's band_tolerance), and only policies inside it are candidates.
 import json
 import os
 import random
@@ -28,7 +30,8 @@ import tyro
 from tqdm.auto import tqdm
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
-from autosculpt_env.tracking import BestEpisode, Budget, check_args, finish_run, start_run
+from autosculpt_env.budget import env_within_band, limit_reward_evaluations
+from autosculpt_env.tracking import BestEpisode, check_args, finish_run, start_run
 
 
 @dataclass
@@ -68,7 +71,7 @@ class Args:
 
     # Algorithm specific arguments
     max_reward_evaluations: int | None = None
-    """stop after this many reward evaluations (policies scored); the leaderboard's budget"""
+    """the reward-evaluation budget (policies scored), counted and enforced by the env"""
     neighbours: int = 20
     """most evaluations spent on the local search after the greedy policy (0 turns it off)"""
 
@@ -103,23 +106,31 @@ class Allocator:
         self.problem, self.base, self.drop, self.sparsity = problem, base, drop, sparsity
         self.valid = problem.valid
         self.flops = np.where(problem.valid, problem.cost.flops, np.inf)
-        # the FLOPs target on the table's sum (dead-channel savings left out: an upper bound of
-        # the exact FLOPs), the sum the budget reward's action wall bounds
-        self.limit = (1.0 - base.target) * base.dense_flops - problem.cost.fixed_flops
+        self.margin = 0.0  # raised a hair when float rounding at the action wall bites
+
+    def reduction(self, policy: list[int]) -> float:
+        """The exact FLOPs reduction (dead-channel savings included)."""
+        return 1.0 - self.problem.policy_flops(policy) / self.base.dense_flops
 
     def meets(self, policy: list[int]) -> bool:
-        if self.base.reward_name == "budget":
-            return self.flops[np.arange(len(policy)), policy].sum() <= self.limit
-        return 1.0 - self.problem.policy_flops(policy) / self.base.dense_flops >= self.base.target
+        return self.reduction(policy) >= self.base.target + self.margin
+
+    def in_band(self, policy: list[int]) -> bool:
+        """Inside the FLOPs band results are compared in (target to target + tolerance)."""
+        return env_within_band(self.base, self.reduction(policy))
 
     def predicted_drop(self, policy: list[int]) -> float:
         return float(self.drop[np.arange(len(policy)), policy].sum())
 
     def complete(self, policy: list[int], frozen: frozenset = frozenset()) -> list[int] | None:
-        """Raise levels (never of ``frozen`` layers) until the target is met; None if it cannot."""
+        """Raise levels (never of ``frozen`` layers) until the target is met; None if it cannot.
+
+        Each raise is the one losing the least accuracy per FLOP saved, except the last: of
+        the raises that meet the target, the cheapest one that stays inside the FLOPs band
+        (results are compared at equal FLOPs), else the one that overshoots least."""
         policy = list(policy)
         while not self.meets(policy):
-            best, choice = (np.inf, -np.inf), None
+            options = []
             for i, cur in enumerate(policy):
                 if i in frozen:
                     continue
@@ -129,11 +140,16 @@ class Allocator:
                         continue
                     # least accuracy lost per FLOP saved; ties go to the larger saving
                     key = ((self.drop[i, b] - self.drop[i, cur]) / saved, -saved)
-                    if key < best:
-                        best, choice = key, (i, int(b))
-            if choice is None:
+                    options.append((key, policy[:i] + [int(b)] + policy[i + 1 :]))
+            if not options:
                 return None
-            policy[choice[0]] = choice[1]
+            options.sort(key=lambda o: o[0])
+            if not self.meets(options[0][1]):
+                policy = options[0][1]  # not the last raise yet
+                continue
+            finishing = [p for _, p in options if self.meets(p)]
+            in_band = [p for p in finishing if self.in_band(p)]
+            policy = in_band[0] if in_band else min(finishing, key=self.reduction)
         return policy
 
     def neighbours(self, policy: list[int]) -> list[list[int]]:
@@ -177,7 +193,7 @@ if __name__ == "__main__":
     problem = base.problem
     L, dense = base.num_layers, problem.dense_action
     best = BestEpisode(env, run_dir, extra={"agent": args.exp_name, "seed": args.seed})
-    budget = Budget(args.max_reward_evaluations)
+    budget = limit_reward_evaluations(args.max_reward_evaluations)  # the env keeps the count
     sparsity = np.asarray([a.sparsity for a in problem.catalog.actions], dtype=np.float64)
 
     # ALGO LOGIC: plan the sensitivity measurements the budget allows
@@ -196,7 +212,7 @@ if __name__ == "__main__":
         k = max(room, 0) // L
     plan = [(i, a) for i in range(L) for a in measured_levels(levels[i], k)] if k else []
     planned = len(plan) + 1 + args.neighbours
-    total = min(planned, args.max_reward_evaluations or planned)
+    total = min(planned, budget.remaining if budget.limit is not None else planned)
 
     global_step = 0
     start_time = time.time()
@@ -209,12 +225,11 @@ if __name__ == "__main__":
         global global_step
         m = base.evaluate_policy(policy)
         global_step += L
-        budget.add(steps=L, evaluations=1)
         bar.update(1)
         if candidate:
             scored[tuple(policy)] = m
             ok = m["meets_target"] or base.reward_name != "budget"
-            if ok and best.update(m, m["reward"], budget.reward_evaluations, global_step):
+            if ok and best.update(m, m["reward"], global_step):
                 bar.set_postfix(best=f"{best.reward:.4f}", flops=f"-{m['flops_reduction']:.2f}")
             writer.add_scalar("charts/episodic_return", m["reward"], global_step)
             writer.add_scalar("charts/accuracy", m["accuracy"], global_step)
@@ -222,7 +237,7 @@ if __name__ == "__main__":
         else:
             writer.add_scalar("charts/sensitivity_accuracy", m["accuracy"], global_step)
         writer.add_scalar("charts/best_reward", best.reward, global_step)
-        writer.add_scalar("charts/reward_evaluations", budget.reward_evaluations, global_step)
+        writer.add_scalar("charts/reward_evaluations", m["reward_evaluations"], global_step)
         return m
 
     # ALGO LOGIC: per-layer sensitivity, every other layer dense
@@ -268,7 +283,7 @@ if __name__ == "__main__":
     policy = allocator.complete([dense] * L)
     while policy is not None and not base.playable(policy):
         # float rounding at the wall: one more greedy raise on a slightly tighter target
-        allocator.limit *= 1 - 1e-6
+        allocator.margin += 1e-6
         policy = allocator.complete(policy)
     assert policy is not None, "the FLOPs target cannot be met with this catalog"
     if not budget.exhausted:
@@ -276,7 +291,9 @@ if __name__ == "__main__":
     used, current = 0, policy
     while used < args.neighbours and not budget.exhausted:
         fresh = [
-            p for p in allocator.neighbours(current) if tuple(p) not in scored and base.playable(p)
+            p
+            for p in allocator.neighbours(current)
+            if tuple(p) not in scored and allocator.in_band(p) and base.playable(p)
         ]
         if not fresh:
             break
@@ -299,7 +316,7 @@ if __name__ == "__main__":
         + ("" if k else "; drops estimated by the weight energy removed")
     )
     print(
-        f"{args.env_id}: {global_step} env steps, {budget.reward_evaluations} reward evaluations, {time.time() - start_time:.0f}s"
+        f"{args.env_id}: {global_step} env steps, {budget.used} reward evaluations, {time.time() - start_time:.0f}s"
     )
     print(best.summary())
-    raise SystemExit(best.exit_status(budget))
+    raise SystemExit(best.exit_status())

@@ -1,5 +1,6 @@
 # PPO with a graph neural network policy over the AutoSculpt graph observation.
 # Docs: README.md#agents. CleanRL's ppo.py, with a PyG encoder and masked categorical actions.
+import math
 import os
 import random
 import time
@@ -17,9 +18,10 @@ from torch_geometric.nn import GATv2Conv, GCNConv, global_mean_pool
 from tqdm.auto import tqdm
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
+from autosculpt_env.budget import limit_reward_evaluations
 from autosculpt_env.features import FeatureLayout
 from autosculpt_env.graph import EDGE_TYPES, to_pyg
-from autosculpt_env.tracking import BestEpisode, Budget, check_args, finish_run, start_run
+from autosculpt_env.tracking import BestEpisode, check_args, finish_run, start_run
 
 
 @dataclass
@@ -65,7 +67,8 @@ class Args:
     total_timesteps: int = 12600
     """total env steps (one step = one layer decision)"""
     max_reward_evaluations: int | None = None
-    """stop after this many reward evaluations (finished episodes); the leaderboard's budget"""
+    """the reward-evaluation budget (finished episodes), counted and enforced by the env; when
+    given, it is the run's length (total_timesteps is ignored)"""
     learning_rate: float = 2e-3
     """the learning rate of the optimizer"""
     num_envs: int = 4
@@ -250,7 +253,9 @@ if __name__ == "__main__":
     base = envs.envs[0].unwrapped
     num_actions = envs.single_action_space.n
     best = BestEpisode(envs.envs[0], run_dir, extra={"agent": args.exp_name, "seed": args.seed})
-    budget = Budget(args.max_reward_evaluations)
+    budget = limit_reward_evaluations(args.max_reward_evaluations)  # the env keeps the count
+    if budget.limit is not None:  # the budget is the run's length (and the LR schedule's)
+        args.num_iterations = math.ceil(budget.limit * base.num_layers / args.batch_size) + 1
 
     agent = Agent(base.feature_layout, args).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
@@ -272,16 +277,17 @@ if __name__ == "__main__":
     next_mask = torch.as_tensor(infos["action_mask"], dtype=torch.bool)
     next_done = torch.zeros(args.num_envs)
     episode_len = np.zeros(args.num_envs, dtype=np.int64)
-    total = args.max_reward_evaluations or args.total_timesteps
+    total = budget.limit or args.total_timesteps
     bar = tqdm(
         total=total,
         disable=not args.progress,
-        unit="eval" if args.max_reward_evaluations else "step",
+        unit="eval" if budget.limit else "step",
         dynamic_ncols=True,
     )
 
+    spent = False  # the budget cannot pay for the episodes the next step would finish
     for iteration in range(1, args.num_iterations + 1):
-        if budget.exhausted:
+        if spent:
             break
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
@@ -311,19 +317,15 @@ if __name__ == "__main__":
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32)
             next_obs = [to_pyg(o) for o in raw_obs]
             next_mask = torch.as_tensor(infos["action_mask"], dtype=torch.bool)
-            budget.add(steps=args.num_envs)
-            bar.update(0 if args.max_reward_evaluations else args.num_envs)
+            bar.update(0 if budget.limit else args.num_envs)
 
             if "final_info" in infos:
                 final = infos["final_info"]
                 for i in np.flatnonzero(infos["_final_info"]):
                     info_i = {k: v[i] for k, v in final.items() if not k.startswith("_")}
-                    budget.add(evaluations=1)
-                    if args.max_reward_evaluations:
+                    if budget.limit:
                         bar.update(1)
-                    improved = best.update(
-                        info_i, float(info_i["reward"]), budget.reward_evaluations, global_step
-                    )
+                    improved = best.update(info_i, float(info_i["reward"]), global_step)
                     writer.add_scalar("charts/episodic_return", info_i["reward"], global_step)
                     writer.add_scalar("charts/episodic_length", base.num_layers, global_step)
                     writer.add_scalar("charts/accuracy", info_i["accuracy"], global_step)
@@ -332,7 +334,7 @@ if __name__ == "__main__":
                     )
                     writer.add_scalar("charts/best_reward", best.reward, global_step)
                     writer.add_scalar(
-                        "charts/reward_evaluations", budget.reward_evaluations, global_step
+                        "charts/reward_evaluations", info_i["reward_evaluations"], global_step
                     )
                     if improved:
                         bar.set_postfix(
@@ -341,16 +343,15 @@ if __name__ == "__main__":
                             flops=f"-{info_i['flops_reduction']:.2f}",
                         )
             # every episode the next step finishes costs a reward evaluation: stop before one
-            # that would finish more episodes than the budget has left
+            # that would finish more episodes than the budget has left (the env would refuse)
             episode_len = np.where(next_done.numpy() > 0, 0, episode_len + 1)
-            if (
+            if budget.exhausted or (
                 budget.remaining is not None
                 and int((episode_len + 1 >= base.num_layers).sum()) > budget.remaining
             ):
-                budget.max_reward_evaluations = budget.reward_evaluations
-            if budget.exhausted:
+                spent = True
                 break
-        if budget.exhausted and step < args.num_steps - 1:
+        if spent and step < args.num_steps - 1:
             break  # a partial rollout is not used for an update
 
         # bootstrap value if not done
@@ -458,7 +459,7 @@ if __name__ == "__main__":
     envs.close()
     finish_run(writer, args.track)
     print(
-        f"{args.env_id}: {global_step} env steps, {budget.reward_evaluations} reward evaluations, {time.time() - start_time:.0f}s"
+        f"{args.env_id}: {global_step} env steps, {budget.used} reward evaluations, {time.time() - start_time:.0f}s"
     )
     print(best.summary())
-    raise SystemExit(best.exit_status(budget))
+    raise SystemExit(best.exit_status())

@@ -14,7 +14,8 @@ import tyro
 from tqdm.auto import tqdm
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
-from autosculpt_env.tracking import BestEpisode, Budget, check_args, finish_run, start_run
+from autosculpt_env.budget import limit_reward_evaluations
+from autosculpt_env.tracking import BestEpisode, check_args, finish_run, start_run
 
 
 @dataclass
@@ -53,10 +54,10 @@ class Args:
     """override the env's reward"""
 
     # Algorithm specific arguments
-    num_episodes: int = 500
-    """random episodes to play (one reward evaluation each)"""
+    num_episodes: int | None = None
+    """random episodes to play (one reward evaluation each; default: the whole budget, or 500)"""
     max_reward_evaluations: int | None = None
-    """stop after this many reward evaluations (finished episodes); the leaderboard's budget"""
+    """the reward-evaluation budget (finished episodes), counted and enforced by the env"""
 
 
 def env_overrides(args: Args) -> dict:
@@ -86,14 +87,17 @@ if __name__ == "__main__":
     )
     base = env.unwrapped
     best = BestEpisode(env, run_dir, extra={"agent": args.exp_name, "seed": args.seed})
-    budget = Budget(args.max_reward_evaluations)
+    budget = limit_reward_evaluations(args.max_reward_evaluations)  # the env keeps the count
+    num_episodes = args.num_episodes
+    if num_episodes is None:
+        num_episodes = budget.limit if budget.limit is not None else 500
 
     global_step = 0
     start_time = time.time()
-    total = min(args.num_episodes, args.max_reward_evaluations or args.num_episodes)
+    total = min(num_episodes, budget.remaining if budget.limit is not None else num_episodes)
     bar = tqdm(total=total, disable=not args.progress, unit="eval", dynamic_ncols=True)
     _, info = env.reset(seed=args.seed)
-    for _episode in range(args.num_episodes):
+    for _episode in range(num_episodes):
         if budget.exhausted:
             break
         # ALGO LOGIC: a uniformly random valid action for every layer
@@ -102,18 +106,16 @@ if __name__ == "__main__":
             global_step += 1
             action = int(rng.choice(np.flatnonzero(info["action_mask"])))
             _, reward, terminated, truncated, info = env.step(action)
-            budget.add(steps=1)
 
         # TRY NOT TO MODIFY: record the episode
-        budget.add(evaluations=1)
         bar.update(1)
-        improved = best.update(info, float(reward), budget.reward_evaluations, global_step)
+        improved = best.update(info, float(reward), global_step)
         writer.add_scalar("charts/episodic_return", reward, global_step)
         writer.add_scalar("charts/episodic_length", base.num_layers, global_step)
         writer.add_scalar("charts/accuracy", info["accuracy"], global_step)
         writer.add_scalar("charts/flops_reduction", info["flops_reduction"], global_step)
         writer.add_scalar("charts/best_reward", best.reward, global_step)
-        writer.add_scalar("charts/reward_evaluations", budget.reward_evaluations, global_step)
+        writer.add_scalar("charts/reward_evaluations", info["reward_evaluations"], global_step)
         writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
         if improved:
             bar.set_postfix(
@@ -127,7 +129,7 @@ if __name__ == "__main__":
     env.close()
     finish_run(writer, args.track)
     print(
-        f"{args.env_id}: {global_step} env steps, {budget.reward_evaluations} reward evaluations, {time.time() - start_time:.0f}s"
+        f"{args.env_id}: {global_step} env steps, {budget.used} reward evaluations, {time.time() - start_time:.0f}s"
     )
     print(best.summary())
-    raise SystemExit(best.exit_status(budget))
+    raise SystemExit(best.exit_status())

@@ -8,7 +8,7 @@ Subcommands (each has ``--help``)::
     autosculpt evaluate RECORD            replay an episode record and print its metrics
     autosculpt finetune RECORD --out DIR  fine-tune a record's policy, masks held; save it
     autosculpt validate ROWS...           replay leaderboard rows (exit code 1 on a mismatch)
-    autosculpt leaderboard [...]          run / resume / render the leaderboard
+    autosculpt leaderboard [--track fast|full] [...]   run / resume / render the leaderboard
 """
 
 from __future__ import annotations
@@ -392,67 +392,16 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def _add_leaderboard_parser(sub) -> None:
-    from . import leaderboard as lb
-    from .evaluation import EVALUATIONS
+    from .leaderboard import add_arguments
 
     p = sub.add_parser(
         "leaderboard",
-        help="run, resume and render the leaderboard (same as benchmarks/leaderboard.py)",
-        description="Run every missing (task, agent, seed) row, then write the markdown table "
-        "and plots from the rows. Re-running the same command resumes.",
+        help="run, resume and render a leaderboard track (same as benchmarks/leaderboard.py)",
+        description="Run every missing (task, agent, seed) row of a track, then write the "
+        "markdown table and plots from the rows. Re-running the same command resumes. "
+        "See docs/SUBMITTING.md.",
     )
-    p.add_argument(
-        "--tasks",
-        nargs="+",
-        default=None,
-        help="ENV_ID@TARGET ... (default: the five leaderboard tasks)",
-    )
-    p.add_argument(
-        "--agents",
-        nargs="+",
-        default=None,
-        help=f"agent names or scripts (default: {' '.join(lb.AGENTS)})",
-    )
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="agent seeds")
-    p.add_argument(
-        "--budget", type=int, default=lb.DEFAULT_BUDGET, help="reward evaluations per search"
-    )
-    p.add_argument(
-        "--dataset", default=None, help="override every task's dataset (digits: fast twin)"
-    )
-    p.add_argument(
-        "--evaluation",
-        default="accuracy",
-        choices=list(EVALUATIONS),
-        help="the env's evaluation mode",
-    )
-    p.add_argument(
-        "--finetune-epochs", type=int, default=None, help="override the fine-tuning epochs"
-    )
-    p.add_argument(
-        "--finetune-samples", type=int, default=None, help="fine-tune on this many train images"
-    )
-    p.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads per run")
-    p.add_argument("--jobs", type=_positive_int, default=1, help="runs at a time")
-    p.add_argument(
-        "--agent-timeout",
-        type=float,
-        default=None,
-        help="kill an agent run after this many seconds",
-    )
-    p.add_argument("--rows-dir", default=lb.DEFAULT_ROWS_DIR, help="folder of the row files")
-    p.add_argument(
-        "--work-dir",
-        default=lb.DEFAULT_WORK_DIR,
-        help="agents' run folders and fine-tuned networks",
-    )
-    p.add_argument("--output", default=lb.DEFAULT_OUTPUT, help="markdown table to write")
-    p.add_argument("--plots-dir", default=lb.DEFAULT_PLOTS_DIR, help="folder of the plots")
-    p.add_argument(
-        "--only-render", action="store_true", help="run nothing; render the existing rows"
-    )
-    p.add_argument("--validate", action="store_true", help="replay every row before rendering")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_arguments(p)
     p.set_defaults(func=_cmd_leaderboard)
 
 

@@ -39,7 +39,16 @@ METRICS = (
 COST_METRICS = ("flops", "params", "flops_reduction", "params_reduction", "pruning_rate")
 EXACT_TOLERANCE = 1e-9
 
-_FIELDS = ("env_id", "env_kwargs", "layers", "actions", "metrics", "version", "extra")
+_FIELDS = (
+    "env_id",
+    "env_kwargs",
+    "layers",
+    "actions",
+    "metrics",
+    "version",
+    "extra",
+    "reward_evaluations",
+)
 _REQUIRED = ("env_id", "env_kwargs", "layers", "actions", "metrics")
 
 
@@ -162,6 +171,27 @@ def _check_fields(d) -> None:
     extra = d.get("extra", {})
     if not isinstance(extra, dict) or not _is_json_value(extra):
         raise ValueError("extra must be an object of plain JSON values")
+    _check_budget_stamp(d.get("reward_evaluations"))
+
+
+def _is_count(v, low: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _check_budget_stamp(stamp) -> None:
+    """``reward_evaluations``: absent/None (records made before the env kept the budget) or
+    ``{"used": n, "limit": L}`` as :mod:`autosculpt_env.budget` writes it."""
+    if stamp is None:
+        return
+    if not isinstance(stamp, dict) or set(stamp) != {"used", "limit"}:
+        raise ValueError('reward_evaluations must be {"used": n, "limit": L or null}')
+    used, limit = stamp["used"], stamp["limit"]
+    if not _is_count(used) or not (limit is None or _is_count(limit)):
+        raise ValueError(
+            f"reward_evaluations: used must be an integer >= 1 and limit one or null, got {stamp}"
+        )
+    if limit is not None and used > limit:
+        raise ValueError(f"reward_evaluations: used {used} exceeds the limit {limit}")
 
 
 @dataclass
@@ -177,6 +207,9 @@ class EpisodeRecord:
             reward, flops, params (as the env reported them).
         version: package version that produced the record.
         extra: free-form facts (agent, seed, step at which it was found ...).
+        reward_evaluations: written by the env (:mod:`autosculpt_env.budget`): the count of
+            reward evaluations at which this episode was scored and the budget's limit,
+            ``{"used": n, "limit": L}`` (``None`` in records made before the env kept it).
     """
 
     env_id: str
@@ -186,9 +219,13 @@ class EpisodeRecord:
     metrics: dict
     version: str = __version__
     extra: dict = field(default_factory=dict)
+    reward_evaluations: dict | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        d = asdict(self)
+        if d["reward_evaluations"] is None:  # older records round-trip unchanged
+            del d["reward_evaluations"]
+        return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d) -> EpisodeRecord:

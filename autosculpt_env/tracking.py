@@ -4,22 +4,24 @@
   ``track=True``, a wandb run that mirrors TensorBoard. wandb goes offline by itself when
   there is no API key or no network, and a wandb failure only prints a warning: tracking
   never blocks or kills a run.
-* :class:`BestEpisode` keeps the best episode by reward and writes it as a replayable
-  record to ``runs/<run_name>/best.json`` whenever it improves.
-* :class:`Budget` counts env steps and reward evaluations (one per finished episode or
-  ``evaluate_policy`` call) so every agent can stop at the same number of evaluations.
+* :class:`BestEpisode` keeps the best episode by reward among those whose FLOPs reduction
+  lies in the task's band (:func:`autosculpt_env.budget.env_within_band`) and writes it as a
+  replayable record to ``runs/<run_name>/best.json`` whenever it improves.
+
+The reward-evaluation budget is not kept here: the env counts and enforces it
+(:mod:`autosculpt_env.budget`); agents read ``budget.remaining`` to stop in time.
 """
 
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .budget import env_within_band
 from .records import EpisodeRecord
 
 #: seconds wandb may take to start online, and to reach its server before we go offline
@@ -147,35 +149,9 @@ def check_args(args) -> None:
             )
 
 
-class Budget:
-    """Counts env steps and reward evaluations against an optional evaluation limit."""
-
-    def __init__(self, max_reward_evaluations: int | None = None):
-        self.max_reward_evaluations = max_reward_evaluations
-        self.reward_evaluations = 0
-        self.env_steps = 0
-        self.start = time.time()
-
-    def add(self, steps: int = 0, evaluations: int = 0) -> None:
-        self.env_steps += steps
-        self.reward_evaluations += evaluations
-
-    @property
-    def exhausted(self) -> bool:
-        return (
-            self.max_reward_evaluations is not None
-            and self.reward_evaluations >= self.max_reward_evaluations
-        )
-
-    @property
-    def remaining(self) -> int | None:
-        if self.max_reward_evaluations is None:
-            return None
-        return max(0, self.max_reward_evaluations - self.reward_evaluations)
-
-
 class BestEpisode:
-    """Keeps the best episode seen (by reward) and saves it as ``best.json``.
+    """Keeps the best episode seen (by reward, among episodes inside the FLOPs band) and
+    saves it as ``best.json``; the record carries the env's reward-evaluation count.
 
     Args:
         env: any env built by ``gym.make`` for the run (its unwrapped env provides the id,
@@ -190,38 +166,49 @@ class BestEpisode:
         self.extra = dict(extra or {})
         self.reward = -np.inf
         self.record: EpisodeRecord | None = None
-        self.history: list[tuple[int, float]] = []  # (reward evaluations, best reward so far)
+        self.episodes = 0  # finished episodes offered
+        self.outside_band = 0  # of which outside the FLOPs band
 
-    def update(self, info: dict, reward: float, evaluations: int, global_step: int) -> bool:
-        """Offer a finished episode's terminal info; return True when it is the new best."""
+    def update(self, info: dict, reward: float, global_step: int) -> bool:
+        """Offer a finished episode's terminal info (or ``evaluate_policy``'s metrics); return
+        True when it is the new best. An episode outside the FLOPs band never is."""
+        self.episodes += 1
+        if not env_within_band(self.base, float(info["flops_reduction"])):
+            self.outside_band += 1
+            return False
         improved = reward > self.reward
         if improved:
             self.reward = float(reward)
             self.record = self.base.record_from_info(
-                info,
-                extra={**self.extra, "reward_evaluations": evaluations, "global_step": global_step},
+                info, extra={**self.extra, "global_step": global_step}
             )
             self.record.save(self.path)
-        self.history.append((evaluations, self.reward))
         return improved
 
-    def exit_status(self, budget: Budget | None = None) -> int:
+    def exit_status(self) -> int:
         """0 when a best episode was recorded; else 1, after saying why on stderr.
 
         A search that finished no episode (e.g. a budget of reward evaluations below the
-        number of parallel envs) wrote no ``best.json``: it must not look like a success.
+        number of parallel envs), or none inside the FLOPs band, wrote no ``best.json``: it
+        must not look like a success.
         """
         if self.record is not None:
             return 0
         import sys
 
-        spent = "" if budget is None else f" ({budget.reward_evaluations} reward evaluations)"
-        print(
-            f"error: the search finished no episode{spent}, so no {self.path} was written; "
-            "give it a larger --max-reward-evaluations (at least --num-envs for vector "
-            "agents) or more steps",
-            file=sys.stderr,
-        )
+        if self.episodes == 0:
+            why = (
+                "the search finished no episode; give it a larger --max-reward-evaluations "
+                "(at least --num-envs for vector agents) or more steps"
+            )
+        else:
+            lo, hi = self.base.target, self.base.target + self.base.band_tolerance
+            why = (
+                f"none of the {self.episodes} episodes the search finished removed between "
+                f"{lo:g} and {hi:g} of the FLOPs (the band results are compared in); give it "
+                "more reward evaluations"
+            )
+        print(f"error: {why}, so no {self.path} was written", file=sys.stderr)
         return 1
 
     def summary(self) -> str:

@@ -12,6 +12,8 @@ from gymnasium import spaces
 from torch import nn
 
 from .. import data as data_mod
+from ..budget import current as reward_budget
+from ..budget import env_within_band
 from ..evaluation import (
     EVALUATIONS,
     AccuracyEvaluator,
@@ -139,8 +141,12 @@ class AutoSculptEnv(gym.Env):
     ``terminated=True`` after the last prunable layer is decided. There is no truncation.
     The terminal ``info`` adds ``accuracy``, ``dense_accuracy``, ``flops_reduction``,
     ``params_reduction``, ``pruning_rate``, ``flops``, ``params`` and ``policy`` (the
-    action name per layer); ``env.unwrapped.episode_record()`` returns a replayable
-    :class:`~autosculpt_env.records.EpisodeRecord`.
+    action name per layer) and ``reward_evaluations`` (the count of the process's
+    reward-evaluation budget at which this episode was scored, :mod:`autosculpt_env.budget`:
+    every finished episode and ``evaluate_policy`` call counts one, and one past the
+    budget's limit raises ``BudgetExhausted`` before anything is scored);
+    ``env.unwrapped.episode_record()`` returns a replayable
+    :class:`~autosculpt_env.records.EpisodeRecord`, stamped with that count.
 
     ## Arguments
 
@@ -442,6 +448,7 @@ class AutoSculptEnv(gym.Env):
 
     def _metrics(self, policy: list[int]) -> dict:
         p = self.problem
+        count = reward_budget().charge()  # before anything is scored: never past the limit
         self.num_reward_evaluations += 1
         acc = self._reward_evaluator(policy)
         flops = p.policy_flops(policy)
@@ -457,6 +464,7 @@ class AutoSculptEnv(gym.Env):
             self.tradeoff_lambda,
         )
         dense_acc = self._reward_evaluator.dense_accuracy
+        reward_budget().report(count, float(reward), env_within_band(self, reduction))
         return {
             "accuracy": float(acc),
             "dense_accuracy": float(dense_acc),
@@ -467,6 +475,7 @@ class AutoSculptEnv(gym.Env):
             "params": float(params),
             "reward": float(reward),
             "policy": [self._action_names[a] for a in policy],
+            "reward_evaluations": count,
         }
 
     def playable(self, policy: Sequence[int] | Sequence[str]) -> bool:
@@ -514,14 +523,24 @@ class AutoSculptEnv(gym.Env):
             env_kwargs=self.env_kwargs,
             layers=self.layer_names,
             actions=list(metrics["policy"]),
-            metrics={k: v for k, v in metrics.items() if k != "policy"},
+            metrics={k: metrics[k] for k in METRICS},
+            reward_evaluations=(
+                reward_budget().stamp(metrics["reward_evaluations"])
+                if metrics.get("reward_evaluations") is not None
+                else None
+            ),
         )
 
     def record_from_info(self, info: dict, extra: dict | None = None) -> EpisodeRecord:
         """Build the record of a finished episode from its terminal ``info`` (as an agent
         sees it, e.g. one env's slice of a vector env's ``final_info``), with no evaluation."""
+        count = info.get("reward_evaluations")
         record = self._record(
-            {**{k: float(info[k]) for k in METRICS}, "policy": [str(a) for a in info["policy"]]}
+            {
+                **{k: float(info[k]) for k in METRICS},
+                "policy": [str(a) for a in info["policy"]],
+                "reward_evaluations": None if count is None else int(count),
+            }
         )
         record.extra = dict(extra or {})
         return record

@@ -1,0 +1,238 @@
+"""Running every missing row: a local process pool (the default) or Ray.
+
+A sweep lists the (task, agent, seed) rows its rows folder lacks and runs each one
+(:func:`autosculpt_env.leaderboard.run.run_one`), writing its row the moment it is done.
+Both backends give the same guarantees:
+
+* **atomic rows**: a row file appears whole or not at all (temporary file, then a hard link
+  that never replaces an existing row), so a killed sweep leaves no half-written row and no
+  row is ever written twice;
+* **resumable**: rows already present are skipped, so running the same command again
+  finishes a killed sweep with no row lost or computed twice;
+* **one runner per folder**: the rows and work folders are locked (``flock``) for the whole
+  sweep; a second runner stops with a clear error instead of computing every row twice;
+* **runs die with their runner**: agents get ``PR_SET_PDEATHSIG``; a local pool's workers
+  too; a local Ray instance started by the sweep shares the runner's fate, and a cluster
+  ends the tasks of a driver that went away.
+
+``backend="ray"`` submits each (task, agent, seed) as one Ray task asking for
+``protocol.threads`` CPUs (and ``protocol.gpus`` GPUs), to a running cluster (``address``,
+e.g. ``"auto"`` or ``"ray://head:10001"``) or to a local instance it starts. Every node must
+have the package installed and see the rows and work folders at the same paths (a shared
+file system); the driver makes them absolute.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+from .agents import AGENTS, find_agent
+from .protocol import Protocol, Task, row_id
+from .rows import check_folder, write_row
+from .run import ROW_SCHEMA, AgentError, die_with_parent, run_one
+
+BACKENDS = ("local", "ray")
+
+
+class FolderLock:
+    """An exclusive ``flock`` on a folder, held by one runner for its whole run.
+
+    A second runner on the same rows folder or work folder would compute every row twice,
+    mix its progress curves into the first one's run folders and delete its half-written
+    rows; it stops instead, with a clear error. The lock is on the folder itself (no lock
+    file), and the kernel drops it when the holder dies, so a killed runner leaves nothing
+    stale behind.
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str, option: str):
+        self.folder, self.what, self.option = Path(folder), what, option
+        self.fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        import fcntl
+
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(
+                f"{self.what} {self.folder} is in use by another leaderboard runner; wait for "
+                f"it to finish (then run again to resume) or pass another {self.option}"
+            ) from None
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def check_writable(folder: str | os.PathLike, what: str, option: str) -> None:
+    """Create ``folder`` and a file in it, or raise a ``ValueError`` saying so, before any
+    search or fine-tuning is spent on rows that could not be written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(
+            f"{what} {folder} is not writable ({e.strerror or e}); fix its permissions or "
+            f"pass another {option}. Nothing was run."
+        ) from None
+
+
+def run_and_write(job: tuple) -> tuple[str, str | None, float]:
+    """One row, run and written: ``(row id, error or None, seconds)``. Never raises: one
+    broken run must not stop the sweep. The unit of work of every backend."""
+    task, agent, seed, protocol, workdir, rows_dir, agents_dirs = job
+    rid = row_id(task, agent, seed)
+    t0 = time.perf_counter()
+    try:
+        row = run_one(task, agent, seed, protocol, workdir, agents_dirs=agents_dirs)
+    except AgentError as e:
+        return rid, f"{e}", time.perf_counter() - t0
+    except Exception as e:
+        tb = "".join(traceback.format_exception(e)[-6:])
+        return rid, f"{type(e).__name__}: {e}\n{tb}", time.perf_counter() - t0
+    if write_row(rows_dir, row, exclusive=True) is None:
+        return rid, "the row was written meanwhile by another run; kept that one", 0.0
+    return rid, None, time.perf_counter() - t0
+
+
+def run_all(
+    protocol: Protocol,
+    tasks: Sequence[Task],
+    agents: Sequence[str] = AGENTS,
+    rows_dir: str | os.PathLike = "benchmarks/tracks/full/rows",
+    workdir: str | os.PathLike = "benchmarks/tracks/full/runs",
+    jobs: int = 1,
+    progress: bool = True,
+    backend: str = "local",
+    address: str | None = None,
+    agents_dirs: Sequence[str] = (),
+) -> dict:
+    """Run every missing (task, agent, seed) row; resumable.
+
+    Rows already in ``rows_dir`` are skipped. A failed run (e.g. a broken agent) writes no
+    row, is reported, and does not stop the others.
+
+    Args:
+        jobs: runs at a time (local backend; Ray schedules by the CPUs each task asks for).
+        backend: ``"local"`` or ``"ray"``.
+        address: the Ray cluster to join (``None``: start a local instance, or use the one
+            this process already joined).
+        agents_dirs: extra folders searched for agent scripts.
+
+    Returns:
+        ``{"done": [...], "skipped": [...], "failed": {row id: error}}``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    rows_dir, workdir = Path(rows_dir).resolve(), Path(workdir).resolve()
+    check_writable(rows_dir, "rows folder", "--rows-dir")
+    check_writable(workdir, "work folder", "--work-dir")
+    with ExitStack() as locks:  # before anything is read, deleted or run
+        locks.enter_context(FolderLock(rows_dir, "rows folder", "--rows-dir"))
+        if workdir != rows_dir:
+            locks.enter_context(FolderLock(workdir, "work folder", "--work-dir"))
+        check_folder(rows_dir, protocol, ROW_SCHEMA)
+        for stale in rows_dir.glob(".*.tmp"):  # a row being written when a run was killed
+            stale.unlink(missing_ok=True)
+        for agent in agents:
+            find_agent(agent, agents_dirs)
+        todo, skipped = [], []
+        for task in tasks:
+            for agent in agents:
+                for seed in protocol.seeds:
+                    rid = row_id(task, agent, seed)
+                    if (rows_dir / f"{rid}.json").exists():
+                        skipped.append(rid)
+                    else:
+                        todo.append(
+                            (task, agent, seed, protocol, workdir, rows_dir, tuple(agents_dirs))
+                        )
+        run = _run_ray if backend == "ray" else _run_local
+        return run(todo, skipped, rows_dir, jobs, progress, address)
+
+
+def _reporter(todo, skipped, rows_dir, progress):
+    from tqdm.auto import tqdm
+
+    result = {"done": [], "skipped": skipped, "failed": {}}
+    bar = tqdm(total=len(todo), disable=not progress, unit="run", dynamic_ncols=True)
+    if skipped:
+        bar.write(f"resuming: {len(skipped)} rows exist in {rows_dir}, {len(todo)} to run")
+
+    def report(rid, err, seconds):
+        bar.update(1)
+        if err is None:
+            result["done"].append(rid)
+            bar.write(f"  {rid}: {seconds:.0f}s")
+        else:
+            result["failed"][rid] = err
+            bar.write(f"  {rid}: FAILED {err.splitlines()[0][:300]}")
+
+    return result, bar, report
+
+
+def _run_local(todo, skipped, rows_dir, jobs, progress, address) -> dict:
+    if address is not None:
+        raise ValueError("--address is for --backend ray; the local backend runs here")
+    result, bar, report = _reporter(todo, skipped, rows_dir, progress)
+    if jobs <= 1:
+        for job in todo:
+            bar.set_postfix_str(row_id(*job[:3]))
+            report(*run_and_write(job))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            max_workers=jobs, mp_context=ctx, initializer=die_with_parent
+        ) as pool:
+            for fut in as_completed([pool.submit(run_and_write, job) for job in todo]):
+                report(*fut.result())
+    bar.close()
+    return result
+
+
+def _run_ray(todo, skipped, rows_dir, jobs, progress, address) -> dict:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError(
+            "--backend ray needs Ray: pip install 'autosculpt-env[ray]' (or pip install ray)"
+        ) from None
+    if not ray.is_initialized():
+        options = {"include_dashboard": False, "log_to_driver": False}
+        if address is None:
+            options["num_cpus"] = max(1, jobs * (todo[0][3].threads if todo else 1))
+        ray.init(address=address, **options)
+    result, bar, report = _reporter(todo, skipped, rows_dir, progress)
+    pending = {}
+    for job in todo:
+        protocol = job[3]
+        task = ray.remote(run_and_write).options(
+            num_cpus=protocol.threads, num_gpus=protocol.gpus, max_retries=0
+        )
+        pending[task.remote(job)] = row_id(*job[:3])
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        rid = pending.pop(ready[0])
+        try:
+            report(*ray.get(ready[0]))
+        except Exception as e:  # the worker died (killed, out of memory ...)
+            report(rid, f"{type(e).__name__}: {e}", 0.0)
+    bar.close()
+    return result

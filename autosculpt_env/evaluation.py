@@ -23,16 +23,13 @@ each one ranks policies like that score is measured by ``benchmarks/reward_fidel
   ``recovery_samples`` training images, masks held exactly as :func:`finetune.finetune`
   holds them, then recalibration and scoring. ``evaluation="reconstruction+recovery"``
   starts that fine-tuning from the refitted weights.
-* :class:`ProxyEvaluator` (``evaluation="proxy"``): a per-(layer, action) sensitivity
-  table, measured once with the accuracy evaluator (each layer pruned alone, the others
-  dense) and cached on disk. A policy's proxy accuracy is::
-
-      proxy(policy) = clip(dense_acc - sum_l drop[l, a_l], 1 / num_classes, 1)
-      drop[l, a]    = dense_acc - acc(layer l at action a, every other layer dense)
-
-  i.e. per-layer accuracy drops are assumed additive, the usual first-order sensitivity
-  model (AMC's and many pruning papers' layer-wise sensitivity analysis). It answers in
-  microseconds; its rank agreement with true accuracy is reported in the README.
+* :class:`ProxyEvaluator` (``evaluation="proxy"``): a surrogate of another mode (the
+  registered ids' default, :func:`autosculpt_env.surrogate.proxied_mode`), fitted on
+  policies that mode scored: per-layer action, removed-energy and graph-pair interaction
+  features, a model chosen by leave-one-sampler-out Spearman (:mod:`autosculpt_env.surrogate`,
+  :mod:`autosculpt_env.policy_collection`). Shipped for the registered tasks, otherwise
+  collected and fitted on first use and cached. It answers in microseconds; its held-out
+  agreement is in ``benchmarks/PROXY_FIDELITY.md``.
 
 No evaluator ever reads the ``test`` split; all of them are deterministic.
 """
@@ -40,20 +37,14 @@ No evaluator ever reads the ``test`` split; all of them are deterministic.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import data as data_mod
-from . import zoo
 from .finetune import default_recipe, train_held, train_subset
 from .problem import PruningProblem
 from .reconstruction import Reconstruction
@@ -242,62 +233,41 @@ class RecoveryEvaluator(AccuracyEvaluator):
         self._applied = None
 
 
-def _proxy_key(problem: PruningProblem, dataset: str, evaluator: AccuracyEvaluator) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(problem.model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    meta = {
-        "catalog": problem.catalog.name,
-        "actions": problem.catalog.action_names,
-        "dataset": dataset,
-        "split": "reward",
-        "reward_samples": len(evaluator.labels),
-        "recal": 0 if evaluator.recal_images is None else len(evaluator.recal_images),
-        "layers": [layer.name for layer in problem.layers],
-    }
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    return h.hexdigest()[:20]
-
-
 class ProxyEvaluator:
-    """Additive per-layer sensitivity model of accuracy (see the module docstring).
+    """``evaluation="proxy"``: the accuracy another mode would give, as a fitted surrogate.
 
-    The table is measured once per (weights, catalog, dataset, reward subset) and stored in
-    ``$AUTOSCULPT_CACHE/proxy/<key>.npz``.
+    Args:
+        problem: the :class:`PruningProblem`.
+        plain: the env's :class:`AccuracyEvaluator` (its data enter the surrogate's key).
+        dataset: dataset name.
+        mode: the ``evaluation=`` mode the proxy stands for.
+        settings: ``(reward_samples, bn_recalibration_samples, recovery_samples,
+            calibration_samples)``.
+        target: FLOPs target of the episodes the surrogate is fitted for.
+        evaluator: returns ``mode``'s evaluator; called only if policies must be scored
+            (nothing shipped or cached).
+        progress: progress bar while collecting (when stderr is a terminal).
     """
 
-    def __init__(self, evaluator: AccuracyEvaluator, dataset: str, progress: bool = True):
-        p = evaluator.problem
-        self.problem = p
-        self.dense_accuracy = evaluator.dense_accuracy
-        self.floor = 1.0 / p.dataset_info.num_classes
-        key = _proxy_key(p, dataset, evaluator)
-        self.path = zoo.cache_dir() / "proxy" / f"{key}.npz"
-        if self.path.exists():
-            self.drop = np.load(self.path)["drop"]
-        else:
-            self.drop = self._measure(evaluator, progress and sys.stderr.isatty())
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp.npz")
-            np.savez(tmp, drop=self.drop)
-            Path(tmp).replace(self.path)
-        self._rows = np.arange(p.num_layers)
-        self.cache: dict[tuple[int, ...], float] = {}
+    def __init__(
+        self,
+        problem: PruningProblem,
+        plain: AccuracyEvaluator,
+        dataset: str,
+        mode: str,
+        settings: tuple[int, int, int, int],
+        target: float,
+        evaluator,
+        progress: bool = True,
+    ):
+        from . import surrogate
 
-    def _measure(self, evaluator: AccuracyEvaluator, progress: bool) -> np.ndarray:
-        p = self.problem
-        drop = np.full((p.num_layers, p.num_actions), np.nan)
-        dense = [p.dense_action] * p.num_layers
-        todo = [(i, a) for i in range(p.num_layers) for a in range(p.num_actions) if p.valid[i, a]]
-        for i, a in tqdm(todo, desc="proxy sensitivity table", disable=not progress, leave=False):
-            policy = list(dense)
-            policy[i] = a
-            drop[i, a] = self.dense_accuracy - evaluator(policy)
-        return drop
+        self.problem, self.mode = problem, mode
+        self.key = surrogate.config_key(problem, plain, dataset, mode, settings)
+        self.surrogate = surrogate.load_or_build(
+            problem, self.key, target, evaluator, progress=progress and sys.stderr.isatty()
+        )
+        self.dense_accuracy = self.surrogate.dense_accuracy
 
     def __call__(self, policy: Sequence[int]) -> float:
-        acc = self.dense_accuracy - float(
-            self.drop[self._rows, np.asarray(policy, dtype=np.int64)].sum()
-        )
-        return float(min(1.0, max(self.floor, acc)))
+        return self.surrogate(policy)

@@ -245,26 +245,6 @@ def test_reward_uses_only_the_reward_split(monkeypatch):
     assert "reward" in calls  # the guard saw the env's loads
 
 
-def test_proxy_mode_is_cached_on_disk(tmp_path, monkeypatch):
-    monkeypatch.setenv("AUTOSCULPT_CACHE", str(tmp_path))
-    from autosculpt_env.envs import autosculpt as envmod
-
-    monkeypatch.setattr(envmod, "_SHARED", {})
-    env = gym.make("AutoSculpt-VGG", dataset="digits", evaluation="proxy")
-    files = list((tmp_path / "proxy").glob("*.npz"))
-    assert len(files) == 1
-    r, info = random_episode(env, np.random.default_rng(6))
-    assert 0.1 <= info["accuracy"] <= info["dense_accuracy"] + 1e-9
-    dense = env.unwrapped.evaluate_policy(
-        [env.unwrapped.problem.dense_action] * env.unwrapped.num_layers
-    )
-    assert dense["accuracy"] == pytest.approx(info["dense_accuracy"])
-    mtime = files[0].stat().st_mtime
-    monkeypatch.setattr(envmod, "_SHARED", {})
-    gym.make("AutoSculpt-VGG", dataset="digits", evaluation="proxy")
-    assert files[0].stat().st_mtime == mtime  # loaded, not measured again
-
-
 @pytest.mark.parametrize("vector", ["sync", "async"])
 def test_vector_envs(vector):
     fns = [lambda: gym.make("AutoSculpt-ResNet", dataset="digits") for _ in range(2)]

@@ -27,6 +27,7 @@ from ..patterns import Catalog, get_catalog, register_catalog
 from ..problem import PruningProblem
 from ..records import METRICS, EpisodeRecord
 from ..rewards import check_reward, terminal_reward
+from ..surrogate import proxied_mode
 
 _SHARED: dict[tuple, tuple] = {}
 
@@ -36,8 +37,6 @@ def _reward_evaluator(evaluation, problem, plain, dataset, data_dir, settings):
     reward_samples, recal, recovery_samples, calibration_samples = settings
     if evaluation == "accuracy":
         return plain
-    if evaluation == "proxy":
-        return ProxyEvaluator(plain, dataset)
     if evaluation == "reconstruction":
         return ReconstructionEvaluator(
             problem, dataset, data_dir, reward_samples, recal, calibration_samples
@@ -54,13 +53,14 @@ def _reward_evaluator(evaluation, problem, plain, dataset, data_dir, settings):
     )
 
 
-def _shared_problem(model, dataset, data_dir, catalog, settings, evaluation, ignored):
+def _shared_problem(model, dataset, data_dir, catalog, settings, evaluation, ignored, target):
     """Build (or reuse, for zoo models in this process) the problem and its evaluators.
 
     Envs of the same configuration (e.g. the copies inside a ``SyncVectorEnv``) share the
     graph, masks, cost table and the policy memos; they are deterministic, so sharing is
     safe. ``settings`` is ``(reward_samples, bn_recalibration_samples, recovery_samples,
-    calibration_samples)``.
+    calibration_samples)``. The proxy is shared per FLOPs target (its surrogate is fitted on
+    the policies episodes at that target play).
     """
     key = None
     if isinstance(model, str) and isinstance(catalog, str):
@@ -72,13 +72,24 @@ def _shared_problem(model, dataset, data_dir, catalog, settings, evaluation, ign
         plain = AccuracyEvaluator(problem, dataset, data_dir, settings[0], settings[1])
         static = static_features(problem)
         rewards = {}
-    if evaluation not in rewards:
-        rewards[evaluation] = _reward_evaluator(
-            evaluation, problem, plain, dataset, data_dir, settings
-        )
+
+    def evaluator_of(mode: str):
+        if mode not in rewards:
+            rewards[mode] = _reward_evaluator(mode, problem, plain, dataset, data_dir, settings)
+        return rewards[mode]
+
+    if evaluation == "proxy":
+        mode = proxied_mode(problem.model_name, problem.catalog.name)
+        if ("proxy", target) not in rewards:
+            rewards["proxy", target] = ProxyEvaluator(
+                problem, plain, dataset, mode, settings, target, lambda: evaluator_of(mode)
+            )
+        reward = rewards["proxy", target]
+    else:
+        reward = evaluator_of(evaluation)
     if key is not None:
         _SHARED[key] = (problem, plain, static, rewards)
-    return problem, plain, static, rewards[evaluation]
+    return problem, plain, static, reward
 
 
 class AutoSculptEnv(gym.Env):
@@ -290,6 +301,7 @@ class AutoSculptEnv(gym.Env):
             ),
             evaluation,
             None if ignored_layers is None else tuple(ignored_layers),
+            self.target,
         )
         p = self.problem
         self.num_layers, self.num_actions = p.num_layers, p.num_actions

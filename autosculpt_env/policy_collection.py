@@ -1,0 +1,435 @@
+"""Evaluated policies to fit a reward surrogate on: several samplers, one resumable store.
+
+A surrogate (:mod:`autosculpt_env.surrogate`) learns ``policy -> accuracy`` from policies
+scored by the reward mode it stands for. Its held-out fidelity is measured the way
+NAS-Bench-301 measures its surrogates: leave one *sampler* out, fit on the others, rank the
+held-out sampler's policies. So policies come from several samplers, each drawing a
+different part of the space an agent visits at a FLOPs target ``t``:
+
+=================  ============================================================================
+sampler            what it draws
+=================  ============================================================================
+``uniform``        each layer's action uniform over the actions the env allows (AMC's action
+                   wall at ``t``): the ``random_search`` agent's policies
+``levels``         one nominal sparsity per policy, uniform in [0, 1], each layer's action the
+                   nearest to it plus Gaussian noise (sd uniform in [0, 0.3]), repaired to meet
+                   ``t``: near-uniform pruning, where DDPG-style agents start
+``evolution``      regularised evolution (Real et al., 2019): population 20, tournaments of 5,
+                   children re-decide 1-3 layers; a search's trajectory towards good policies
+``local``          hill climbing: one layer re-decided per move, accepted when the accuracy
+                   does not drop, restart after 20 moves without improvement
+``unconstrained``  each layer uniform over its valid actions, no FLOPs target (what the
+                   ``band``, ``log_flops`` and ``tradeoff`` rewards let an agent play)
+=================  ============================================================================
+
+Every policy but ``unconstrained``'s meets the target exactly as a ``budget`` episode does:
+the env's action wall (:meth:`CostTable.min_flops_next`) is applied layer by layer, and an
+action it forbids is replaced by the allowed one nearest in nominal sparsity. Samplers are
+seeded per (design seed, sampler, target) and never depend on how many policies are asked
+for, so a smaller design's policies are a prefix of a larger one's.
+
+:class:`EvaluationStore` memoises ``policy -> accuracy`` on disk, one JSON line per
+evaluation after a header line holding the key (everything that decides an accuracy: see
+:func:`autosculpt_env.surrogate.config_key`). Each evaluation is appended and synced before
+the next starts, so a killed collection loses at most the one in flight; replaying the
+samplers against the store re-derives which sampler drew which policy without evaluating
+anything again. A lock file serialises collectors of one store (e.g. the copies of an
+``AsyncVectorEnv``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .problem import PruningProblem
+from .records import default_file_mode
+
+SAMPLERS: tuple[str, ...] = ("uniform", "levels", "evolution", "local", "unconstrained")
+"""The samplers, in the order a collection draws them (see the module docstring)."""
+
+POPULATION, TOURNAMENT, PATIENCE = 20, 5, 20
+
+
+class StoreError(RuntimeError):
+    """A stored evaluation file is damaged or belongs to another configuration."""
+
+
+@dataclass(frozen=True)
+class Design:
+    """How many policies each sampler draws, and from which seed.
+
+    Attributes:
+        samplers: names from :data:`SAMPLERS`.
+        per_sampler: unique policies each sampler contributes.
+        seed: base seed of every sampler.
+    """
+
+    samplers: tuple[str, ...] = SAMPLERS
+    per_sampler: int = 60
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.samplers if s not in SAMPLERS]
+        if unknown or not self.samplers:
+            raise ValueError(f"unknown samplers {unknown}; choose from {', '.join(SAMPLERS)}")
+        if len(set(self.samplers)) != len(self.samplers):
+            raise ValueError(f"samplers are listed twice: {self.samplers}")
+        if not isinstance(self.per_sampler, int) or self.per_sampler < 1:
+            raise ValueError(f"per_sampler must be an integer >= 1, got {self.per_sampler!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["samplers"] = list(self.samplers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Design:
+        return cls(tuple(d["samplers"]), int(d["per_sampler"]), int(d["seed"]))
+
+
+@dataclass
+class Collection:
+    """Policies with their accuracies, labelled by the sampler that drew them.
+
+    A policy two samplers drew appears once per sampler (leave-one-sampler-out removes it
+    from the training side whenever its sampler is held out).
+
+    Attributes:
+        policies: int ``(N, L)`` action indices.
+        accuracy: float ``(N,)``.
+        sampler: int ``(N,)`` index into ``samplers``.
+        samplers: sampler names.
+        dense_accuracy: the dense policy's accuracy under the same mode.
+    """
+
+    policies: np.ndarray
+    accuracy: np.ndarray
+    sampler: np.ndarray
+    samplers: tuple[str, ...]
+    dense_accuracy: float
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.counts = {s: int((self.sampler == i).sum()) for i, s in enumerate(self.samplers)}
+
+
+# ------------------------------------------------------------------------------ store
+class EvaluationStore:
+    """``policy -> accuracy`` on disk (JSON lines after a key header), append-only.
+
+    Args:
+        path: the ``.jsonl`` file (created on the first :meth:`add`).
+        key: what decides the accuracies; a file holding another key is refused.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: dict):
+        self.path = Path(path)
+        self.key = key
+        self.values: dict[tuple[int, ...], float] = {}
+        self._header = json.dumps({"key": key}, sort_keys=True)
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the file again (another process may have added to it)."""
+        self.values = {}
+        if not self.path.exists():
+            return
+        fix = f"delete {self.path} to collect its evaluations again"
+        try:
+            raw = self.path.read_bytes()
+        except OSError as e:
+            raise StoreError(f"cannot read the evaluation store {self.path} ({e}); {fix}") from None
+        lines = raw.split(b"\n")
+        complete = raw.endswith(b"\n")
+        if not complete:  # the last line was being written when the collector was killed
+            lines = lines[:-1]
+        elif lines and lines[-1] == b"":
+            lines = lines[:-1]
+        if not lines:
+            self._rewrite()
+            return
+        try:
+            header = json.loads(lines[0])
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise StoreError(f"{self.path} has no readable key on line 1; {fix}") from None
+        if not isinstance(header, dict) or header.get("key") != self.key:
+            raise StoreError(
+                f"{self.path} holds evaluations of another configuration (its key differs from "
+                f"this one's); {fix}"
+            )
+        for n, line in enumerate(lines[1:], start=2):
+            try:
+                d = json.loads(line)
+                policy = tuple(int(a) for a in d["policy"])
+                acc = d["accuracy"]
+                if not isinstance(acc, float) or not 0.0 <= acc <= 1.0:
+                    raise ValueError(f"accuracy {acc!r} is not a float in [0, 1]")
+                if any(int(a) != a for a in d["policy"]):
+                    raise ValueError("actions must be integers")
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise StoreError(
+                    f"{self.path} line {n} is not an evaluation ({type(e).__name__}: {e}); the "
+                    f"file is damaged: {fix} ({len(lines) - 1} evaluations)"
+                ) from None
+            self.values[policy] = acc
+        if not complete:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        body = [self._header] + [
+            json.dumps({"policy": list(p), "accuracy": a}) for p, a in self.values.items()
+        ]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("\n".join(body) + "\n")
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, self.path)
+
+    def get(self, policy: Sequence[int]) -> float | None:
+        return self.values.get(tuple(int(a) for a in policy))
+
+    def add(self, policy: Sequence[int], accuracy: float) -> None:
+        """Store one evaluation durably (appended and synced)."""
+        key = tuple(int(a) for a in policy)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists()
+        with open(self.path, "a") as f:
+            if new:
+                f.write(self._header + "\n")
+            f.write(json.dumps({"policy": list(key), "accuracy": float(accuracy)}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.values[key] = float(accuracy)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @contextmanager
+    def locked(self):
+        """Hold an exclusive lock on the store (reloading it once acquired)."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, default_file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.reload()
+            yield self
+        finally:
+            os.close(fd)  # closing drops the flock
+
+
+# --------------------------------------------------------------------------- samplers
+class _Space:
+    """The actions an episode may take at a FLOPs target: valid ones, under the action wall."""
+
+    def __init__(self, problem: PruningProblem, target: float | None):
+        self.problem = problem
+        self.cost = problem.cost
+        # the env's wall (AutoSculptEnv._budget): FLOPs at most (1 - target) of dense
+        self.budget = (
+            None
+            if target is None
+            else (1.0 - target) * float(problem.cost.dense_flops) * (1 + 1e-12)
+        )
+        self.sparsity = np.asarray([a.sparsity for a in problem.catalog.actions], dtype=float)
+        self.valid = problem.valid
+        self.L = problem.num_layers
+
+    def allowed(self, prefix: list[int]) -> np.ndarray:
+        mask = self.valid[len(prefix)].copy()
+        if self.budget is not None:
+            mask &= self.cost.min_flops_next(prefix) <= self.budget
+        return mask
+
+    def repair(self, desired: Sequence[int]) -> tuple[int, ...]:
+        """Walk the layers keeping each desired action the wall allows, else the allowed one
+        nearest in nominal sparsity (ties: the sparser)."""
+        out: list[int] = []
+        for i in range(self.L):
+            mask = self.allowed(out)
+            a = int(desired[i])
+            if not mask[a]:
+                cand = np.flatnonzero(mask)
+                gap = np.abs(self.sparsity[cand] - self.sparsity[a]) - 1e-9 * self.sparsity[cand]
+                a = int(cand[np.argmin(gap)])
+            out.append(a)
+        return tuple(out)
+
+    def uniform(self, rng: np.random.Generator) -> tuple[int, ...]:
+        out: list[int] = []
+        for _ in range(self.L):
+            out.append(int(rng.choice(np.flatnonzero(self.allowed(out)))))
+        return tuple(out)
+
+    def levels(self, rng: np.random.Generator) -> tuple[int, ...]:
+        q, sd = rng.uniform(0.0, 1.0), rng.uniform(0.0, 0.3)
+        desired = []
+        for i in range(self.L):
+            cand = np.flatnonzero(self.valid[i])
+            s = q + sd * rng.standard_normal()
+            desired.append(int(cand[np.argmin(np.abs(self.sparsity[cand] - s))]))
+        return self.repair(desired)
+
+    def mutate(self, policy: Sequence[int], rng: np.random.Generator, k: int) -> tuple[int, ...]:
+        desired = list(policy)
+        for i in rng.choice(self.L, size=min(k, self.L), replace=False):
+            cand = np.flatnonzero(self.valid[i])
+            other = cand[cand != desired[i]]
+            if other.size:
+                desired[i] = int(rng.choice(other))
+        return self.repair(desired)
+
+
+def _sampler_rng(seed: int, name: str, target: float | None) -> np.random.Generator:
+    t = -1 if target is None else int(round(target * 1_000_000))
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), t + 1])
+
+
+def draw(
+    name: str,
+    problem: PruningProblem,
+    target: float | None,
+    n: int,
+    seed: int,
+    evaluate: Callable[[tuple[int, ...]], float],
+) -> list[tuple[int, ...]]:
+    """Up to ``n`` unique policies of one sampler, each scored with ``evaluate`` as drawn.
+
+    Gives fewer only when 50 n draws in a row find nothing new (a tiny policy space).
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    if name == "unconstrained":
+        target = None  # its policies do not depend on the target: shared by every target's
+    space = _Space(problem, target)
+    rng = _sampler_rng(seed, name, target)
+    out: list[tuple[int, ...]] = []
+    seen: set[tuple[int, ...]] = set()
+    misses = 0
+
+    def take(policy: tuple[int, ...]) -> float | None:
+        nonlocal misses
+        if policy in seen:
+            misses += 1
+            return None
+        misses = 0
+        seen.add(policy)
+        out.append(policy)
+        return evaluate(policy)
+
+    def exhausted() -> bool:
+        return len(out) >= n or misses >= 50 * n
+
+    if name in ("uniform", "unconstrained"):
+        while not exhausted():
+            take(space.uniform(rng))
+    elif name == "levels":
+        while not exhausted():
+            take(space.levels(rng))
+    elif name == "evolution":
+        population: deque[tuple[tuple[int, ...], float]] = deque()
+        while len(population) < POPULATION and not exhausted():
+            p = space.uniform(rng)
+            acc = take(p)
+            if acc is not None:
+                population.append((p, acc))
+        while not exhausted() and population:
+            pick = rng.choice(len(population), size=min(TOURNAMENT, len(population)), replace=False)
+            parent = max((population[int(j)] for j in pick), key=lambda pa: pa[1])[0]
+            child = space.mutate(parent, rng, int(rng.integers(1, 4)))
+            acc = take(child)
+            if acc is not None:
+                population.append((child, acc))
+                if len(population) > POPULATION:
+                    population.popleft()
+    else:  # local
+        current, best, stall = None, -1.0, PATIENCE
+        while not exhausted():
+            if stall >= PATIENCE:
+                p = space.uniform(rng)
+                acc = take(p)
+                if acc is not None:
+                    current, best, stall = p, acc, 0
+                continue
+            child = space.mutate(current, rng, 1)
+            acc = take(child)
+            if acc is None:
+                stall += 1
+                continue
+            stall = 0 if acc > best else stall + 1
+            if acc >= best:
+                current, best = child, acc
+    return out
+
+
+def collect(
+    problem: PruningProblem,
+    store: EvaluationStore,
+    evaluator: Callable[[], Callable[[Sequence[int]], float]],
+    target: float,
+    design: Design,
+    progress: bool = True,
+    desc: str = "surrogate policies",
+) -> Collection:
+    """Draw and score every sampler's policies (resuming from the store).
+
+    Args:
+        problem: the pruning problem.
+        store: the evaluation memo; new evaluations are appended to it one by one.
+        evaluator: returns the reward-mode evaluator (``policy -> accuracy``); called only
+            when a policy is missing from the store, so a complete store needs no model run.
+        target: the FLOPs target the constrained samplers meet.
+        design: samplers, policies per sampler, seed.
+        progress: show a progress bar (policies drawn, stored ones included).
+        desc: the progress bar's label.
+
+    Returns:
+        The :class:`Collection`.
+    """
+    evaluate_fn: Callable[[Sequence[int]], float] | None = None
+    with store.locked():
+        bar = tqdm(
+            total=len(design.samplers) * design.per_sampler + 1,
+            desc=desc,
+            disable=not progress,
+            leave=False,
+        )
+
+        def evaluate(policy: tuple[int, ...]) -> float:
+            nonlocal evaluate_fn
+            acc = store.get(policy)
+            if acc is None:
+                if evaluate_fn is None:
+                    evaluate_fn = evaluator()
+                acc = float(evaluate_fn(list(policy)))
+                store.add(policy, acc)
+            bar.update(1)
+            return acc
+
+        try:
+            dense = evaluate(tuple([problem.dense_action] * problem.num_layers))
+            rows, labels = [], []
+            for j, name in enumerate(design.samplers):
+                drawn = draw(name, problem, target, design.per_sampler, design.seed, evaluate)
+                rows += drawn
+                labels += [j] * len(drawn)
+        finally:
+            bar.close()
+    return Collection(
+        policies=np.asarray(rows, dtype=np.int64).reshape(len(rows), problem.num_layers),
+        accuracy=np.asarray([store.get(p) for p in rows], dtype=np.float64),
+        sampler=np.asarray(labels, dtype=np.int64),
+        samplers=tuple(design.samplers),
+        dense_accuracy=dense,
+    )

@@ -1,0 +1,372 @@
+"""The proxy's surrogate: keys, determinism, refusals, damaged files, leave-one-sampler-out,
+samplers, and proxy-mode episodes on the digits twins. Tiny designs, digits only."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import autosculpt_env
+from autosculpt_env import surrogate as sg
+from autosculpt_env import zoo
+from autosculpt_env.evaluation import AccuracyEvaluator, ProxyEvaluator
+from autosculpt_env.patterns import Action, Catalog, get_catalog
+from autosculpt_env.policy_collection import (
+    SAMPLERS,
+    Collection,
+    Design,
+    EvaluationStore,
+    StoreError,
+    collect,
+    draw,
+)
+from autosculpt_env.problem import PruningProblem
+
+TINY = Design(per_sampler=4)
+SETTINGS = (2048, 1024, 2048, 256)
+TWINS = ["AutoSculpt-ResNet", "AutoSculpt-VGG", "AutoSculpt-MobileNet", "AutoSculpt-ViT"]
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x)) + x
+        x = torch.relu(self.c3(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh surrogate cache; zoo weights still come from (and train into) the real one."""
+    real_zoo = zoo.cache_dir() / "zoo"
+    for model in ("resnet20", "vgg11", "mobilenetv2", "vit"):
+        zoo.load(model, "digits")  # trains into the real cache on a fresh machine, once
+    monkeypatch.setenv("AUTOSCULPT_ZOO_DIR", str(real_zoo))
+    monkeypatch.setenv("AUTOSCULPT_CACHE", str(tmp_path / "cache"))
+    from autosculpt_env.envs import autosculpt as envmod
+
+    monkeypatch.setattr(envmod, "_SHARED", {})
+    monkeypatch.setattr(sg, "FIRST_USE_DESIGN", TINY)
+    return tmp_path / "cache"
+
+
+def _problem(catalog="autosculpt"):
+    problem = PruningProblem(Tiny(), "digits", catalog)
+    plain = AccuracyEvaluator(problem, "digits", reward_samples=64, bn_recalibration_samples=0)
+    return problem, plain
+
+
+def _build(problem, plain, design=TINY, target=0.5, evaluator=None):
+    key = sg.config_key(problem, plain, "digits", "accuracy", SETTINGS)
+    evaluator = evaluator or (lambda: plain)
+    return sg.build(problem, key, target, evaluator, design, progress=False), key
+
+
+def _never():
+    raise AssertionError("a policy was evaluated although every one was stored")
+
+
+# ------------------------------------------------------------------------------- keys
+def _catalog(first: bool) -> Catalog:
+    def rule(w, kind, scores=None, **_):  # keep the first or the last half of the filters
+        rows = torch.arange(w.shape[0]).view(-1, *[1] * (w.dim() - 1)).expand_as(w)
+        return rows < w.shape[0] // 2 if first else rows >= w.shape[0] // 2
+
+    dense = get_catalog("autosculpt").actions[0]
+    half = Action("half", frozenset({"conv3x3", "conv", "linear"}), 0.5, (), rule)
+    return Catalog("same-name", (dense, half))
+
+
+def test_key_follows_the_masks_not_the_catalog_names():
+    (pa, ea), (pb, eb) = _problem(_catalog(True)), _problem(_catalog(False))
+    ka = sg.config_key(pa, ea, "digits", "accuracy", SETTINGS)
+    kb = sg.config_key(pb, eb, "digits", "accuracy", SETTINGS)
+    assert ka["catalog"] == kb["catalog"] and ka["actions"] == kb["actions"]
+    assert ka["masks"] != kb["masks"]
+    assert sg.evaluations_path(ka) != sg.evaluations_path(kb)
+    assert sg.fit_path(ka, 0.5, TINY) != sg.fit_path(kb, 0.5, TINY)
+    again = _problem(_catalog(True))
+    assert sg.config_key(*again, "digits", "accuracy", SETTINGS) == ka
+    # the mode and its settings are part of the key; the target is not (it keys the fit)
+    kr = sg.config_key(pa, ea, "digits", "reconstruction", SETTINGS)
+    assert kr["mode_settings"] == {"calibration_samples": 256} and kr != ka
+    assert sg.fit_path(ka, 0.5, TINY) != sg.fit_path(ka, 0.7, TINY)
+    assert sg.fit_path(ka, 0.5, TINY) != sg.fit_path(ka, 0.5, Design(per_sampler=5))
+
+
+def test_two_catalogs_with_one_name_get_two_cache_entries(cache):
+    for first in (True, False):
+        _build(*_problem(_catalog(first)))
+    assert len(list((cache / "surrogate" / "fits").glob("*.npz"))) == 2
+    assert len(list((cache / "surrogate" / "evaluations").glob("*.jsonl"))) == 2
+
+
+# ------------------------------------------------------------------ determinism, cache
+def test_build_is_deterministic_and_served_from_the_cache(cache):
+    problem, plain = _problem()
+    s1, key = _build(problem, plain)
+    s2, _ = _build(problem, plain, evaluator=_never)  # refitted from the stored evaluations
+    loaded = sg.load_or_build(problem, key, 0.5, _never, progress=False)
+    rng = np.random.default_rng(0)
+    pols = np.stack([[rng.choice(np.flatnonzero(v)) for v in problem.valid] for _ in range(20)])
+    for s in (s2, loaded):
+        assert s.model_name == s1.model_name
+        assert all(np.array_equal(v, s.model.arrays[k]) for k, v in s1.model.arrays.items())
+        assert np.array_equal(s.predict(pols), s1.predict(pols))
+    assert [s1(p) for p in pols] == [loaded(p) for p in pols]
+    assert np.allclose(s1.predict(pols), [s1(p) for p in pols], atol=1e-12)
+    dense = [problem.dense_action] * problem.num_layers
+    assert s1(dense) == plain(dense) == s1.dense_accuracy
+
+
+def test_collection_resumes_where_a_killed_run_stopped(cache):
+    problem, plain = _problem()
+    key = sg.config_key(problem, plain, "digits", "accuracy", SETTINGS)
+    store = EvaluationStore(sg.evaluations_path(key), key)
+    calls = []
+
+    def dying():
+        def score(policy):
+            if len(calls) == 7:
+                raise KeyboardInterrupt  # killed mid-collection
+            calls.append(tuple(policy))
+            return plain(policy)
+
+        return score
+
+    with pytest.raises(KeyboardInterrupt):
+        collect(problem, store, dying, 0.5, TINY, progress=False)
+    assert len(EvaluationStore(store.path, key)) == 7  # every finished evaluation kept
+    resumed = []
+
+    def counting():
+        return lambda p: resumed.append(tuple(p)) or plain(p)
+
+    full = collect(problem, store, counting, 0.5, TINY, progress=False)
+    assert not set(resumed) & set(calls)  # nothing scored twice
+    assert len(store) == 7 + len(resumed)
+    assert full.counts == {s: 4 for s in SAMPLERS}
+    again = collect(problem, EvaluationStore(store.path, key), _never, 0.5, TINY, progress=False)
+    assert np.array_equal(again.policies, full.policies)
+    assert np.array_equal(again.accuracy, full.accuracy)
+
+
+def test_samplers_are_seeded_prefixes_and_playable(cache):
+    env = gym.make("AutoSculpt-VGG", dataset="digits", reward_samples=32)
+    base = env.unwrapped
+    for name in SAMPLERS:
+        small = draw(name, base.problem, 0.5, 3, 0, base.evaluator)
+        large = draw(name, base.problem, 0.5, 6, 0, base.evaluator)
+        assert large[:3] == small and len(set(large)) == 6
+        assert draw(name, base.problem, 0.5, 6, 1, base.evaluator) != large  # the seed matters
+        for policy in large:
+            base.problem.check_policy(policy)
+            reduction = 1.0 - base.problem.policy_flops(policy) / base.dense_flops
+            if name != "unconstrained":  # played as a budget episode at the target
+                assert reduction >= 0.5 - 1e-9
+                env.reset(seed=0)
+                for a in policy:
+                    env.step(a)
+
+
+# ------------------------------------------------------------------------- refusals
+def test_surrogate_refuses_another_configuration_or_target(cache):
+    problem, plain = _problem()
+    s, key = _build(problem, plain)
+    with pytest.raises(sg.SurrogateMismatch, match=r"mode 'accuracy' vs 'recovery'"):
+        s.check({**key, "mode": "recovery"}, 0.5)
+    with pytest.raises(sg.SurrogateMismatch, match="masks"):
+        s.check({**key, "masks": "0" * 64}, 0.5)
+    with pytest.raises(sg.SurrogateMismatch, match="FLOPs target 0.5, not 0.7"):
+        s.check(key, 0.7)
+    other = PruningProblem("vgg11", "digits")  # another network: another feature layout
+    with pytest.raises(sg.SurrogateError, match=str(s.path)):
+        sg.Surrogate.load(s.path, other)
+
+
+def test_proxy_stands_for_the_registered_default(monkeypatch):
+    assert sg.proxied_mode("vgg11", "autosculpt") == "accuracy"
+    monkeypatch.setitem(
+        autosculpt_env.REGISTERED_CONFIGS,
+        "AutoSculpt-VGG",
+        {**autosculpt_env.REGISTERED_CONFIGS["AutoSculpt-VGG"], "evaluation": "recovery"},
+    )
+    assert sg.proxied_mode("vgg11", "autosculpt") == "recovery"
+    assert sg.proxied_mode("vgg11", "patdnn") == "accuracy"  # no registered id: env default
+    assert sg.proxied_mode("Tiny", "autosculpt") == "accuracy"
+    env = gym.make("AutoSculpt-VGG", dataset="digits", reward_samples=32)
+    key, mode = sg.env_key(env)
+    assert mode == "recovery" and key["mode_settings"]["recovery_samples"] == 2048
+
+
+# ------------------------------------------------------------------- damaged files
+def test_store_errors_name_the_file(cache):
+    problem, plain = _problem()
+    _, key = _build(problem, plain)
+    path = sg.evaluations_path(key)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines) + lines[-1][:15])  # killed while writing a line
+    store = EvaluationStore(path, key)
+    assert len(store) == len(lines) - 1 and path.read_text() == "".join(lines)
+    path.write_text("".join(lines[:3]) + "garbage\n" + "".join(lines[3:]))
+    with pytest.raises(StoreError, match=rf"{path} line 4 .*delete {path}"):
+        EvaluationStore(path, key)
+    path.write_text("".join(lines))
+    with pytest.raises(StoreError, match="another configuration"):
+        EvaluationStore(path, {**key, "mode": "recovery"})
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_cached_fit_is_refitted_with_a_warning(cache, damage):
+    problem, plain = _problem()
+    s, key = _build(problem, plain)
+    path = sg.fit_path(key, 0.5, TINY)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2] if damage == "truncated" else b"PK\x03\x04junk")
+    with pytest.warns(UserWarning, match=rf"{path}.*refitting it from the stored evaluations"):
+        again = sg.load_or_build(problem, key, 0.5, _never, progress=False)  # no evaluation
+    assert np.array_equal(again.predict(s.collection.policies), s.predict(s.collection.policies))
+    assert sg.Surrogate.load(path, problem).model_name == s.model_name  # rewritten whole
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "missing"])
+def test_damaged_shipped_file_names_it(cache, tmp_path, damage):
+    problem, plain = _problem()
+    s, key = _build(problem, plain)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    entry = sg.ship(s, "Tiny-v0", folder=shipped)
+    assert entry["file"] == "Tiny-v0@0.5.npz" and entry["env_id"] == "Tiny-v0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ok = sg.load_or_build(problem, key, 0.5, _never, progress=False, shipped=shipped)
+    assert ok.sha256 == entry["sha256"]
+    path = shipped / entry["file"]
+    data = bytearray(path.read_bytes())
+    if damage == "flipped":
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "truncated":
+        path.write_bytes(bytes(data[:100]))
+    else:
+        path.unlink()
+    with pytest.raises(sg.SurrogateError, match=rf"{path}.*reinstall the package"):
+        sg.load_or_build(problem, key, 0.5, _never, progress=False, shipped=shipped)
+
+
+def test_shipped_manifest_hashes_verify():
+    entries = sg.read_manifest()["surrogates"]
+    if not entries:
+        pytest.skip("no surrogate ships yet (benchmarks/proxy_fidelity.py --ship writes them)")
+    for name, entry in entries.items():
+        assert sg.verify_shipped(name).name == entry["file"]
+        assert entry["env_id"] in autosculpt_env.REGISTERED_CONFIGS
+        assert entry["key"]["mode"] == entry["mode"] and entry["policies"] >= 1000
+
+
+# ------------------------------------------------------------- leave one sampler out
+def test_leave_one_sampler_out_holds_each_sampler_out(monkeypatch):
+    problem, _ = _problem()
+    features = sg.Features(problem)
+    rng = np.random.default_rng(0)
+    unique: dict[tuple, None] = {}
+    while len(unique) < 200:
+        unique[tuple(int(rng.choice(np.flatnonzero(v))) for v in problem.valid)] = None
+    pols = np.asarray(list(unique))
+    pols[150] = pols[5]  # one policy drawn by samplers a and d
+    x = features(pols)
+    w = np.zeros(x.shape[1])
+    for block in ("removed_energy", "pairs", "totals"):
+        w[features.slices[block]] = rng.normal(size=features.layout()[block])
+    y = x @ w  # a target the pairwise ridge can represent exactly
+    c = Collection(pols, y, np.repeat(np.arange(4), 50), ("a", "b", "c", "d"), 1.0)
+    seen = []
+    real = sg.fit_candidate
+
+    def spy(name, xt, yt, f):
+        seen.append(xt)
+        return real(name, xt, yt, f)
+
+    monkeypatch.setattr(sg, "fit_candidate", spy)
+    h = sg.leave_one_sampler_out("pairwise", c, x, features)
+    assert list(h.per_sampler) == ["a", "b", "c", "d"] and len(seen) == 4
+    for j, train in enumerate(seen):
+        held = {r.tobytes() for r in x[c.sampler == j]}
+        assert not {r.tobytes() for r in train} & held  # no held-out policy is trained on
+    assert [len(t) for t in seen] == [149, 150, 150, 149]  # the shared policy: out twice
+    assert h.minimum > 0.95 and h.overall > 0.95
+    noise = Collection(pols, rng.normal(size=200), c.sampler, c.samplers, 1.0)
+    assert sg.leave_one_sampler_out("pairwise", noise, x, features).minimum < 0.5
+
+
+# ------------------------------------------------------------------- the env's proxy
+@pytest.mark.parametrize("env_id", TWINS)
+def test_proxy_episode_on_every_digits_twin(cache, env_id):
+    env = gym.make(env_id, dataset="digits", evaluation="proxy", reward_samples=64)
+    base = env.unwrapped
+    proxy = base._reward_evaluator
+    assert isinstance(proxy, ProxyEvaluator) and proxy.mode == "accuracy"
+    assert proxy.key == sg.env_key(gym.make(env_id, dataset="digits", reward_samples=64))[0]
+    rng = np.random.default_rng(0)
+    _, info = env.reset(seed=0)
+    done = False
+    while not done:
+        _, reward, done, _, info = env.step(int(rng.choice(np.flatnonzero(info["action_mask"]))))
+    assert 0.0 <= info["accuracy"] <= 1.0 and reward == info["accuracy"]
+    dense = base.evaluate_policy([base.problem.dense_action] * base.num_layers)
+    assert dense["accuracy"] == info["dense_accuracy"] == base.evaluator.dense_accuracy
+    fits = list((cache / "surrogate" / "fits").glob("*.npz"))
+    assert len(fits) == 1
+    # a second process (here: a cleared memo) loads the fit instead of collecting again
+    from autosculpt_env.envs import autosculpt as envmod
+
+    envmod._SHARED.clear()
+    mtime = fits[0].stat().st_mtime_ns
+    again = gym.make(env_id, dataset="digits", evaluation="proxy", reward_samples=64)
+    assert fits[0].stat().st_mtime_ns == mtime
+    assert again.unwrapped.evaluate_policy(info["policy"])["accuracy"] == info["accuracy"]
+    # another target: another surrogate, fitted on that target's policies
+    gym.make(env_id, dataset="digits", evaluation="proxy", reward_samples=64,
+             target_flops_reduction=0.3)  # fmt: skip
+    assert len(list((cache / "surrogate" / "fits").glob("*.npz"))) == 2
+
+
+def test_heldout_agreement_reads_the_manifest(tmp_path, monkeypatch, cache):
+    problem, plain = _problem()
+    s, _ = _build(problem, plain)
+    sg.ship(s, "AutoSculpt-VGG", folder=tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["surrogates"]["AutoSculpt-VGG@0.5"]["heldout_min"] = 0.42  # a recognisable value
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert sg.heldout_agreement("AutoSculpt-VGG", 0.5, tmp_path) == 0.42
+    assert sg.heldout_agreement("AutoSculpt-VGG", 0.7, tmp_path) is None
+    assert sg.heldout_agreement("AutoSculpt-ViT", 0.5, tmp_path) is None
+    monkeypatch.setitem(
+        autosculpt_env.REGISTERED_CONFIGS,
+        "AutoSculpt-VGG",
+        {**autosculpt_env.REGISTERED_CONFIGS["AutoSculpt-VGG"], "evaluation": "recovery"},
+    )
+    assert sg.heldout_agreement("AutoSculpt-VGG", 0.5, tmp_path) is None  # fitted for accuracy
+
+
+def test_the_env_serves_its_own_design_not_a_benchmarks(cache):
+    problem, plain = _problem()
+    bigger, key = _build(problem, plain, design=Design(per_sampler=6))  # as a benchmark does
+    served = sg.load_or_build(problem, key, 0.5, lambda: plain, progress=False)
+    assert served.design == TINY and bigger.design == Design(per_sampler=6)
+    assert served.path != bigger.path and bigger.path.exists()
+    assert len(served.collection.policies) < len(bigger.collection.policies)

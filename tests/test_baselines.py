@@ -43,6 +43,7 @@ RUNS += [(name, name, [], 8, False) for name in AGENTS if name not in {r[1] for 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
+
     def run(spec):
         run_id, agent, extra, budget, _ = spec
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}

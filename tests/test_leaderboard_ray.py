@@ -1,0 +1,112 @@
+"""The Ray backend of the leaderboard on the digits twin: one local Ray instance for the module
+(2 CPUs), the same rows as the local backend, and a killed Ray sweep that resumes with no row
+lost, redone or duplicated."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from autosculpt_env import leaderboard as lb
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = lb.Task("AutoSculpt-ResNet", 0.5)
+AGENTS = ["random_search", "uniform"]
+OPTIONS = dict(budget=4, dataset="digits", finetune_epochs=1, finetune_samples=64)
+# what differs between two runs of the same row: timings, dates, where the runs were
+VOLATILE = ("search_seconds", "score_seconds", "created", "command", "_path")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in VOLATILE}
+
+
+def test_ray_backend_writes_the_rows_of_the_local_backend(cluster, tmp_path):
+    protocol = lb.make_protocol(seeds=[1], **OPTIONS)
+    rows = {}
+    for backend in ("local", "ray"):
+        result = lb.run_all(
+            protocol,
+            [TASK],
+            AGENTS,
+            tmp_path / backend / "rows",
+            tmp_path / backend / "runs",
+            progress=False,
+            backend=backend,
+        )
+        assert not result["failed"] and len(result["done"]) == 2, result
+        rows[backend] = {
+            r["row_id"]: _comparable(r) for r in lb.load_rows(tmp_path / backend / "rows")
+        }
+    assert rows["ray"] == rows["local"]
+    assert all(v["ok"] for v in lb.validate(lb.load_rows(tmp_path / "ray" / "rows")))
+
+
+def test_killed_ray_sweep_resumes_with_no_row_lost_or_duplicated(cluster, tmp_path):
+    seeds = [1, 2]
+    paths = {"rows_dir": tmp_path / "rows", "work_dir": tmp_path / "runs"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "leaderboard.py")]
+    cmd += ["--tasks", TASK.name, "--agents", *AGENTS, "--seeds", *map(str, seeds)]
+    cmd += ["--budget", str(OPTIONS["budget"]), "--dataset", OPTIONS["dataset"]]
+    cmd += ["--finetune-epochs", "1", "--finetune-samples", "64", "--no-progress"]
+    cmd += ["--backend", "ray", "--address", cluster]
+    cmd += ["--rows-dir", str(paths["rows_dir"]), "--work-dir", str(paths["work_dir"])]
+    cmd += ["--output", str(tmp_path / "LB.md"), "--plots-dir", str(tmp_path / "plots")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if list(paths["rows_dir"].glob("*.json")):
+                break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0].decode(errors="replace")
+    assert proc.returncode == -signal.SIGKILL, f"the sweep ended before the kill:\n{out[-3000:]}"
+    after_kill = {p.name: p.read_text() for p in paths["rows_dir"].glob("*.json")}
+    assert after_kill, out[-3000:]
+
+    protocol = lb.make_protocol(seeds=seeds, **OPTIONS)
+    resumed = lb.run_all(
+        protocol,
+        [TASK],
+        AGENTS,
+        paths["rows_dir"],
+        paths["work_dir"],
+        progress=False,
+        backend="ray",
+    )
+    expected = {lb.row_id(TASK, a, s) for a in AGENTS for s in seeds}
+    assert not resumed["failed"], resumed["failed"]
+    assert set(resumed["skipped"]) == {n[:-5] for n in after_kill}
+    assert set(resumed["done"]) == expected - set(resumed["skipped"])
+    for name, text in after_kill.items():  # rows written before the kill are left alone
+        assert (paths["rows_dir"] / name).read_text() == text
+    assert sorted(p.name for p in paths["rows_dir"].iterdir()) == sorted(
+        f"{e}.json" for e in expected
+    )
+    rows = lb.load_rows(paths["rows_dir"])
+    assert all(lb.check_row(r)[0] == [] for r in rows)

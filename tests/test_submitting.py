@@ -1,0 +1,78 @@
+"""docs/SUBMITTING.md, tested: an agent that is not one of ours (examples/my_agent.py) runs
+through the harness on the digits twin, on both tracks' protocols made small, and its rows
+validate; agents are found by path, search path or entry point, or refused clearly."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from autosculpt_env import leaderboard as lb
+from autosculpt_env.leaderboard import agents as agents_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "my_agent.py"
+TASK = lb.Task("AutoSculpt-ResNet", 0.5)
+
+
+@pytest.mark.parametrize(
+    "track, options",
+    [
+        ("full", dict(budget=6, finetune_epochs=1, finetune_samples=64)),
+        ("fast", dict(budget=30)),
+    ],
+)
+def test_example_agent_on_both_tracks(track, options, tmp_path):
+    protocol = lb.make_protocol(track=track, seeds=[1], dataset="digits", **options)
+    result = lb.run_all(
+        protocol, [TASK], [str(EXAMPLE)], tmp_path / "rows", tmp_path / "runs", progress=False
+    )
+    assert not result["failed"], result["failed"]
+    [row] = lb.load_rows(tmp_path / "rows")
+    assert row["agent"] == "my_agent" and row["track"] == "custom"
+    assert row["reward_evaluations"] == options["budget"]  # the env's count, from its ledger
+    assert 0.5 <= row["flops_reduction"] <= 0.55
+    if track == "fast":  # scored by the high-fidelity reward: no fine-tuning, no test split
+        assert row["record"]["env_kwargs"]["evaluation"] == lb.FAST.evaluation
+        assert row["test_accuracy"] is None and row["finetune_recipe"] is None
+    else:
+        assert row["score"] == row["test_accuracy"]
+    assert [v["errors"] for v in lb.validate([row])] == [[]]
+    assert "### AutoSculpt-ResNet@0.5" in lb.render([row])
+
+
+def test_agents_are_found_by_search_path(tmp_path, monkeypatch):
+    folder = tmp_path / "more_agents"
+    folder.mkdir()
+    shutil.copy(EXAMPLE, folder / "my_agent.py")
+    with pytest.raises(FileNotFoundError, match="no agent 'my_agent'"):
+        lb.find_agent("my_agent")
+    assert lb.find_agent("my_agent", [folder]).argv == (str(folder / "my_agent.py"),)
+    monkeypatch.setenv(agents_mod.AGENTS_PATH_ENV, str(folder))
+    assert lb.agent_script("my_agent") == folder / "my_agent.py"
+    # a path to a script works from anywhere
+    assert lb.find_agent(str(EXAMPLE)).name == "my_agent"
+
+
+def test_agents_are_found_by_entry_point(monkeypatch):
+    class EntryPoint:
+        name, value = "climber", "my_package.climber:main"
+
+    monkeypatch.setattr(
+        "importlib.metadata.entry_points",
+        lambda group: [EntryPoint()] if group == lb.ENTRY_POINT_GROUP else [],
+    )
+    program = lb.find_agent("climber")
+    assert program.argv == ("-m", "my_package.climber") and program.script is None
+
+
+def test_an_installed_package_is_told_where_the_agents_are(monkeypatch):
+    monkeypatch.setattr(agents_mod, "checkout_root", lambda: None)  # no source checkout
+    monkeypatch.delenv(agents_mod.AGENTS_PATH_ENV, raising=False)
+    with pytest.raises(FileNotFoundError) as e:
+        lb.find_agent("ppo_gnn")
+    message = str(e.value)
+    assert "--agents-dir" in message and agents_mod.AGENTS_PATH_ENV in message
+    assert lb.find_agent("ppo_gnn", [ROOT / "agents"]).script == ROOT / "agents" / "ppo_gnn.py"

@@ -43,6 +43,7 @@ from torch import nn
 
 from . import data as data_mod
 from .records import EpisodeRecord, make_env
+from .traceable import make_traceable
 from .training import Recipe, train
 
 FINETUNE_RECIPE = Recipe(
@@ -274,8 +275,9 @@ def load(
 
     Args:
         path_dir: the directory.
-        model: an untrained instance of the architecture, for networks outside the zoo;
-            by default the zoo entry named by the record's ``model`` and ``dataset`` is built.
+        model: an untrained instance of the architecture, for networks outside the zoo (its
+            ``torch.nn`` transformer modules are made traceable first, as the env did); by
+            default the zoo entry named by the record's ``model`` and ``dataset`` is built.
 
     Raises:
         ValueError: the weights do not fit the architecture, or a masked entry is nonzero.
@@ -284,7 +286,9 @@ def load(
 
     src = Path(path_dir)
     record = EpisodeRecord.load(src / RECORD_FILE)
-    if model is None:
+    if model is not None:
+        model = make_traceable(model)
+    else:
         name = record.env_kwargs.get("model", "resnet20")
         if not isinstance(name, str) or name.startswith("<"):
             raise ValueError(

@@ -30,7 +30,7 @@
   concat along another axis. A concat along the channel axis does not couple its inputs. A
   depthwise convolution joins the group of its input (its channels follow its input), and
   the ``q``, ``k``, ``v`` projections of one attention module form one group (heads must be
-  pruned alike). So a ResNet stage with identity shortcuts is one group, as in DepGraph.
+  pruned alike; a fused ``qkv`` projection is one layer). So a ResNet stage with identity shortcuts is one group, as in DepGraph.
 * **Consumers** of a layer are the prunable layers that read its output channels through
   operators that keep an all-zero channel all-zero and keep the channel axis whole: batch
   norm (the pruned model zeroes the channel's scale and shift), activations ``f`` with
@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .patterns import Heads, attention_heads, attention_role
 from .patterns import layer_kind as _layer_kind
 
 if TYPE_CHECKING:
@@ -172,17 +173,21 @@ class NetGraph:
         """The layer's kind in :data:`autosculpt_env.patterns.LAYER_KINDS`."""
         return _layer_kind(self.module(layer), layer, parent=self._parent(layer))
 
-    def heads(self, layer: str) -> tuple[int, int] | None:
-        """``(num_heads, head_axis)`` of an attention projection, else ``None``.
-
-        ``head_axis`` is the weight axis split into heads: 0 (output rows) for ``q``, ``k``,
-        ``v``; 1 (input columns) for the output projection ``proj``. Pass both to
+    def heads(self, layer: str) -> Heads | None:
+        """The :class:`~autosculpt_env.patterns.Heads` of an attention projection, else
+        ``None``: head count, the weight axis split into heads (0, output rows, for q, k, v
+        and a fused qkv; 1, input columns, for the output projection) and the blocks along it
+        (3 for a fused qkv). ``Heads.mask_kwargs()`` passes them to
         :meth:`autosculpt_env.patterns.Catalog.mask` for head pruning.
         """
-        if self.layer_kind(layer) != "attention":
-            return None
-        parent = self._parent(layer)
-        return int(parent.num_heads), 1 if layer.rsplit(".", 1)[-1] == "proj" else 0
+        self._pos(layer)
+        return attention_heads(layer, self._parent(layer))
+
+    def attention_role(self, layer: str) -> str | None:
+        """The layer's role in its attention module (:data:`~autosculpt_env.patterns.ATTENTION_ROLES`:
+        ``q``, ``k``, ``v``, ``qkv``, ``out``), else ``None``."""
+        self._pos(layer)
+        return attention_role(layer, self._parent(layer))
 
     def group_of(self, layer: str) -> list[str]:
         """The coupling group holding ``layer``."""
@@ -817,6 +822,7 @@ def build_graph(
             "dense, its FLOPs fixed). Give each call its own module to make it prunable.",
             stacklevel=2,
         )
+    _warn_opaque(model, gm, tuple(leaf_modules))
     layer_nodes = list(layer_of_node)
     layers = list(layer_of_node.values())
 
@@ -838,6 +844,32 @@ def build_graph(
         _consumers=consumers,
         _batch_norms=batch_norms,
     )
+
+
+def _warn_opaque(model: nn.Module, gm: fx.GraphModule, asked: tuple) -> None:
+    """Warn about leaf modules that hide Conv2d/Linear layers (unless asked for as leaves)."""
+    asked_types = tuple(t for t in asked if isinstance(t, type))
+    hidden = []
+    for n in gm.graph.nodes:
+        if n.op != "call_module":
+            continue
+        module = gm.get_submodule(n.target)
+        if isinstance(module, nn.Conv2d | nn.Linear) or str(n.target) in asked:
+            continue
+        if asked_types and isinstance(module, asked_types):
+            continue
+        inner = [m for m in module.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        if inner:
+            hidden.append(f"'{n.target}' ({type(module).__name__}, {len(inner)} layers)")
+    if hidden:
+        warnings.warn(
+            f"{type(model).__name__}: torch.fx does not trace into {', '.join(hidden)}; their "
+            "Conv2d/Linear layers are not prunable (kept dense, FLOPs counted). "
+            "autosculpt_env.traceable.make_traceable rewrites nn.MultiheadAttention and "
+            "nn.TransformerEncoder(Layer) into traceable equivalents (the env applies it); "
+            "write other modules in plain torch code to expose their layers.",
+            stacklevel=3,
+        )
 
 
 def _tensor_inputs(n: fx.Node, info: dict) -> list[fx.Node]:
@@ -902,11 +934,8 @@ def _coupling_groups(
     # Heads must be pruned alike in q, k and v of one attention module.
     by_parent: dict[str, list[int]] = {}
     for idx, name in layer_of_node.items():
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        if leaf in ("q", "k", "v") and _layer_kind(nodes[idx].module, name, parent=parent) == (
-            "attention"
-        ):
+        parent_name = name.rpartition(".")[0]
+        if attention_role(name, model.get_submodule(parent_name)) in ("q", "k", "v"):
             by_parent.setdefault(parent_name, []).append(idx)
     for members in by_parent.values():
         for idx in members[1:]:

@@ -15,7 +15,11 @@ whose outputs are the same (up to float32 rounding):
   learned position embedding, a channel kept alive by another branch) keep their zeros.
 * **Attention heads** whose ``v`` rows are all removed are cut from ``q``, ``k``, ``v`` and
   the output projection's input, and the module's ``num_heads`` drops (its output for such
-  a head is exactly zero whatever ``q`` and ``k`` hold).
+  a head is exactly zero whatever ``q`` and ``k`` hold). Projections are found by their role
+  (:func:`autosculpt_env.patterns.attention_role`: our ViT's, timm's and Hugging Face's
+  names, and :class:`autosculpt_env.traceable.MultiheadAttention` for ``torch.nn``
+  attention). A fused ``qkv`` projection keeps its removed heads as zeros: its module's
+  forward reshapes by a head count the exporter cannot change, and the report says so.
 * **Row/column patterns** (the ``autosculpt`` catalog): a 3x3 filter that keeps a
   rectangular block of its kernel on every input channel is a smaller dense kernel (3x1,
   1x3, 3x2, 2x3) applied to a shifted slice of the padded input. A layer's filters are
@@ -45,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import COUPLING, NetGraph, build_graph
+from .patterns import attention_role
 
 
 class MaterializeError(ValueError):
@@ -390,17 +395,33 @@ def _cut_channels(
     return masks
 
 
-def _cut_heads(model: nn.Module, masks: dict[str, torch.Tensor], layers: dict[str, str]) -> None:
-    """Remove attention heads whose ``v`` rows are all removed (see the module docstring)."""
+def _cut_heads(model: nn.Module, masks: dict[str, torch.Tensor], layers: dict[str, str]) -> dict:
+    """Remove attention heads whose ``v`` rows are all removed (see the module docstring).
+
+    Returns:
+        ``{layer: why}`` for the projections whose removed heads stay as zeros: those of a
+        fused qkv projection, whose module's forward fixes the head count.
+    """
+    kept: dict[str, str] = {}
     for parent_name, parent in model.named_modules():
-        if not all(hasattr(parent, a) for a in ("num_heads", "head_dim", "q", "k", "v", "proj")):
+        roles: dict[str, tuple[str, nn.Linear]] = {}
+        for child_name, child in parent.named_children():
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            role = attention_role(full, parent)
+            if role is not None and isinstance(child, nn.Linear):
+                roles[role] = (full, child)
+        if "qkv" in roles:
+            for name, _ in roles.values():
+                kept[name] = (
+                    "heads of a fused qkv projection kept as zeros (its module's forward fixes "
+                    "the head count)"
+                )
             continue
-        names = {p: f"{parent_name}.{p}" if parent_name else p for p in ("q", "k", "v", "proj")}
-        if names["v"] not in masks:
+        if not {"q", "k", "v", "out"} <= roles.keys() or roles["v"][0] not in masks:
             continue
         h, d = int(parent.num_heads), int(parent.head_dim)
-        v = parent.v
-        zero = _removed_rows(masks[names["v"]])
+        v = roles["v"][1]
+        zero = _removed_rows(masks[roles["v"][0]])
         if v.bias is not None:
             zero = zero & (v.bias.detach() == 0)
         dead = zero.reshape(h, d).all(1)
@@ -408,21 +429,22 @@ def _cut_heads(model: nn.Module, masks: dict[str, torch.Tensor], layers: dict[st
             continue
         keep = (~dead).repeat_interleave(d)
         with torch.no_grad():
-            for p in ("q", "k", "v"):
-                lin = getattr(parent, p)
+            for role in ("q", "k", "v"):
+                name, lin = roles[role]
                 lin.weight.data = lin.weight.data[keep].contiguous()
                 if lin.bias is not None:
                     lin.bias.data = lin.bias.data[keep].contiguous()
                 lin.out_features = int(keep.sum())
-                if names[p] in masks:
-                    masks[names[p]] = masks[names[p]][keep]
-            proj = parent.proj
-            proj.weight.data = proj.weight.data[:, keep].contiguous()
-            proj.in_features = int(keep.sum())
-            if names["proj"] in masks:
-                masks[names["proj"]] = masks[names["proj"]][:, keep]
+                if name in masks:
+                    masks[name] = masks[name][keep]
+            name, out = roles["out"]
+            out.weight.data = out.weight.data[:, keep].contiguous()
+            out.in_features = int(keep.sum())
+            if name in masks:
+                masks[name] = masks[name][:, keep]
         parent.num_heads = h - int(dead.sum())
         layers[parent_name] = f"heads {h} -> {parent.num_heads}"
+    return kept
 
 
 # ---------------------------------------------------------------------------------------
@@ -656,7 +678,7 @@ def materialize(
 
     counted = _env_counted(model, full)
     full = _cut_channels(model, graph, full, example, result.kept_groups)
-    _cut_heads(model, full, result.layers)
+    heads_kept = _cut_heads(model, full, result.layers)
     result.dead_params = counted - _env_counted(model, full)
 
     # Patterns, in topological order (a layer's consumers come later, so folding into their
@@ -719,7 +741,9 @@ def materialize(
                 stored += int(_removed_rows(mask).sum())
             if stored:
                 zeros += stored
-                if bool(_removed_rows(mask).any()) and bool(mask[~_removed_rows(mask)].all()):
+                if name in heads_kept:
+                    why = heads_kept[name]
+                elif bool(_removed_rows(mask).any()) and bool(mask[~_removed_rows(mask)].all()):
                     why = (
                         "removed channels kept as zeros ("
                         + result.kept_groups.get(graph.group_of(name)[0], "coupled")

@@ -36,27 +36,87 @@ Catalogs (:data:`CATALOGS`, picked with :func:`get_catalog`):
 A new catalog is one :func:`register_catalog` call: envs, records, ``autosculpt info`` and
 the README's catalog table read it from :data:`CATALOGS`.
 
-Attention head pruning needs the module's head count, which the weight does not carry:
-:meth:`Catalog.mask` and :meth:`Catalog.valid_for` take ``num_heads`` and ``head_axis``
-(0: the heads are blocks of output rows, as in ``q``, ``k``, ``v``; 1: blocks of input
-columns, as in the output projection). ``NetGraph.heads(layer)`` gives both.
+Attention head pruning needs the module's head structure, which the weight does not carry:
+:meth:`Catalog.mask` and :meth:`Catalog.valid_for` take ``num_heads``, ``head_axis`` (0: the
+heads are blocks of output rows, as in ``q``, ``k``, ``v``; 1: blocks of input columns, as in
+the output projection) and ``head_parts`` (3 for a fused ``qkv`` projection, whose q, k and v
+row blocks lose the same heads). ``NetGraph.heads(layer)`` gives all three as :class:`Heads`.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 LAYER_KINDS: tuple[str, ...] = ("conv3x3", "conv", "pointwise", "depthwise", "linear", "attention")
-ATTENTION_PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "proj")
 LEVELS: tuple[float, ...] = tuple(i / 10 for i in range(10))
+ATTENTION_ROLES: dict[str, str] = {
+    "q": "q",
+    "k": "k",
+    "v": "v",
+    "proj": "out",
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "out_proj": "out",
+    "qkv": "qkv",
+}
+"""``Linear`` children of an attention module (one with ``num_heads`` and ``head_dim``
+attributes) by name, and their role: ``q``, ``k``, ``v`` (each head a block of output rows),
+``qkv`` (a fused projection: the rows are ``[q; k; v]``, each split into heads, the timm
+style) and ``out`` (each head a block of input columns). The names cover our ViT
+(``q``/``k``/``v``/``proj``), timm (``qkv``/``proj``), Hugging Face and
+:class:`autosculpt_env.traceable.MultiheadAttention` (``q_proj``/``k_proj``/``v_proj``/
+``out_proj``)."""
+
+
+class Heads(NamedTuple):
+    """The head structure of an attention projection's weight (``NetGraph.heads``).
+
+    Attributes:
+        num_heads: heads of the attention module.
+        axis: the weight axis split into heads: 0 (output rows: q, k, v, qkv) or 1 (input
+            columns: the output projection).
+        parts: blocks along ``axis`` that are each split into the same heads: 3 for a fused
+            qkv projection, else 1.
+    """
+
+    num_heads: int
+    axis: int
+    parts: int = 1
+
+    def mask_kwargs(self) -> dict:
+        """Keyword arguments of :meth:`Catalog.mask` and :meth:`Catalog.valid_for`."""
+        kw = {"num_heads": self.num_heads, "head_axis": self.axis}
+        return kw if self.parts == 1 else {**kw, "head_parts": self.parts}
+
+
+def attention_role(name: str, parent: nn.Module | None) -> str | None:
+    """The :data:`ATTENTION_ROLES` role of the layer ``name`` held by ``parent``, or ``None``
+    (not an attention projection)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf not in ATTENTION_ROLES or parent is None:
+        return None
+    if not (hasattr(parent, "num_heads") and hasattr(parent, "head_dim")):
+        return None
+    return ATTENTION_ROLES[leaf]
+
+
+def attention_heads(name: str, parent: nn.Module | None) -> Heads | None:
+    """The :class:`Heads` of an attention projection, or ``None``."""
+    role = attention_role(name, parent)
+    if role is None:
+        return None
+    return Heads(int(parent.num_heads), 1 if role == "out" else 0, 3 if role == "qkv" else 1)
 
 
 def layer_kind(module: nn.Module, name: str = "", parent: nn.Module | None = None) -> str:
@@ -65,8 +125,8 @@ def layer_kind(module: nn.Module, name: str = "", parent: nn.Module | None = Non
     ``Conv2d``: 1x1 with ``groups == 1`` is ``"pointwise"``; 3x3 with ``groups == 1`` is
     ``"conv3x3"``; 3x3 with ``groups == in_channels == out_channels`` is ``"depthwise"``;
     anything else (a ViT patch embedding, grouped convolutions, 5x5 kernels) is ``"conv"``.
-    ``Linear``: ``"attention"`` for the ``q``, ``k``, ``v`` and ``proj`` children of a module
-    with ``num_heads`` and ``head_dim`` attributes, else ``"linear"``.
+    ``Linear``: ``"attention"`` for the projections of an attention module
+    (:func:`attention_role`), else ``"linear"``.
 
     Args:
         module: the layer.
@@ -87,15 +147,7 @@ def layer_kind(module: nn.Module, name: str = "", parent: nn.Module | None = Non
             return "depthwise"
         return "conv"
     if isinstance(module, nn.Linear):
-        leaf = name.rsplit(".", 1)[-1]
-        if (
-            leaf in ATTENTION_PROJECTIONS
-            and parent is not None
-            and hasattr(parent, "num_heads")
-            and hasattr(parent, "head_dim")
-        ):
-            return "attention"
-        return "linear"
+        return "linear" if attention_role(name, parent) is None else "attention"
     raise TypeError(f"{name or type(module).__name__} is not a Conv2d or Linear layer")
 
 
@@ -204,13 +256,15 @@ class Catalog:
         kind: str,
         num_heads: int | None = None,
         head_axis: int = 0,
+        head_parts: int = 1,
     ) -> np.ndarray:
-        """Bool ``(P,)``: :meth:`valid` refined by the weight's shape (and head count)."""
+        """Bool ``(P,)``: :meth:`valid` refined by the weight's shape (and head structure)."""
         ok = self.valid(kind)
         shape = tuple(int(s) for s in weight_shape)
         for i, a in enumerate(self.actions):
             if ok[i] and a.fits is not None and i != self.dense_action():
-                ok[i] = bool(a.fits(shape, kind, num_heads, head_axis))
+                parts = _head_parts_kwarg(a.fits, head_parts)
+                ok[i] = bool(a.fits(shape, kind, num_heads, head_axis, **parts))
         return ok
 
     def mask(
@@ -221,6 +275,7 @@ class Catalog:
         scores: torch.Tensor | None = None,
         num_heads: int | None = None,
         head_axis: int = 0,
+        head_parts: int = 1,
     ) -> torch.Tensor:
         """The keep-mask of ``action`` on a layer's weight.
 
@@ -234,6 +289,9 @@ class Catalog:
             num_heads: attention heads of the layer (head pruning only).
             head_axis: weight axis split into heads (0 for q/k/v, 1 for the output
                 projection).
+            head_parts: blocks along ``head_axis`` each split into the same heads (3 for a
+                fused qkv projection; passed, when not 1, to rules that take it).
+                :class:`Heads` gives all three.
 
         Returns:
             Bool tensor of ``weight.shape``, on ``weight.device``; ``True`` = kept.
@@ -250,14 +308,9 @@ class Catalog:
         act = self.actions[int(action)]
         if int(action) == self.dense_action():
             return torch.ones_like(weight, dtype=torch.bool)
-        if not self.valid_for(weight.shape, kind, num_heads, head_axis)[int(action)]:
-            valid = [
-                n
-                for n, ok in zip(
-                    self.action_names, self.valid_for(weight.shape, kind, num_heads, head_axis)
-                )
-                if ok
-            ]
+        fits = self.valid_for(weight.shape, kind, num_heads, head_axis, head_parts)
+        if not fits[int(action)]:
+            valid = [n for n, ok in zip(self.action_names, fits) if ok]
             raise ValueError(
                 f"action {act.name!r} of catalog {self.name!r} is not valid for a {kind} layer "
                 f"with weight shape {tuple(weight.shape)}"
@@ -265,6 +318,7 @@ class Catalog:
                 + f"; valid: {valid}"
             )
         extra = {} if num_heads is None else {"num_heads": num_heads, "head_axis": head_axis}
+        extra.update(_head_parts_kwarg(act.rule, head_parts))
         with torch.no_grad():
             keep = act.rule(weight.detach(), kind, scores=scores, **extra)
         where = f"the rule of action {act.name!r} (catalog {self.name!r})"
@@ -289,6 +343,19 @@ class Catalog:
 
 # ---------------------------------------------------------------------------------------
 # Shared helpers
+
+
+def _head_parts_kwarg(fn: Callable, head_parts: int) -> dict:
+    """``{"head_parts": n}`` for a rule or ``fits`` that takes it (by name or ``**kwargs``),
+    when ``n != 1``; rules written without it see a fused projection as plain heads."""
+    if head_parts == 1:
+        return {}
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    takes = any(p.name == "head_parts" or p.kind is p.VAR_KEYWORD for p in params)
+    return {"head_parts": head_parts} if takes else {}
 
 
 def _round(x: float) -> int:
@@ -683,7 +750,13 @@ def nm_catalog() -> Catalog:
 # Structured (channel / head) pruning
 
 
-def _heads_fit(shape: tuple[int, ...], kind: str, num_heads: int | None, head_axis: int) -> bool:
+def _heads_fit(
+    shape: tuple[int, ...],
+    kind: str,
+    num_heads: int | None,
+    head_axis: int,
+    head_parts: int = 1,
+) -> bool:
     if kind != "attention":
         return True
     return (
@@ -691,7 +764,7 @@ def _heads_fit(shape: tuple[int, ...], kind: str, num_heads: int | None, head_ax
         and num_heads > 0
         and head_axis in (0, 1)
         and len(shape) == 2
-        and shape[head_axis] % num_heads == 0
+        and shape[head_axis] % (num_heads * head_parts) == 0
     )
 
 
@@ -701,27 +774,29 @@ def _remove_heads(
     num_heads: int,
     head_axis: int,
     scores: torch.Tensor | None,
+    parts: int = 1,
 ) -> torch.Tensor:
-    """Remove ``round(level * H)`` heads: blocks of ``head_dim`` rows (or input columns)."""
+    """Remove ``round(level * H)`` heads: blocks of ``head_dim`` rows (or input columns), the
+    same heads in each of the ``parts`` blocks (q, k and v of a fused projection)."""
     size = weight.shape[head_axis]
-    head_dim = size // num_heads
+    head_dim = size // (num_heads * parts)
     if scores is None:
         per_channel = weight.detach().double().norm(dim=1 - head_axis)
     else:
         per_channel = torch.as_tensor(scores, device=weight.device).detach().double().flatten()
-    if per_channel.numel() == num_heads:
+    n = per_channel.numel()
+    if n == num_heads:
         per_head = per_channel
-    elif per_channel.numel() == size:
-        per_head = per_channel.reshape(num_heads, head_dim).sum(1)
+    elif n in (size, size // parts):
+        per_head = per_channel.reshape(-1, num_heads, head_dim).sum((0, 2))
     else:
         raise ValueError(
-            f"head scores must have {num_heads} (heads) or {size} (channels) values, "
-            f"got {per_channel.numel()}"
+            f"head scores must have {num_heads} (heads) or {size} (channels) values, got {n}"
         )
     removed = _lowest_first(per_head)[: _round(level * num_heads)]
     keep_heads = torch.ones(num_heads, dtype=torch.bool, device=weight.device)
     keep_heads[removed] = False
-    keep = keep_heads.repeat_interleave(head_dim)
+    keep = keep_heads.repeat_interleave(head_dim).repeat(parts)
     keep = keep[:, None] if head_axis == 0 else keep[None, :]
     return keep.expand_as(weight).clone()
 
@@ -732,13 +807,14 @@ def _structured_rule(
     scores: torch.Tensor | None = None,
     num_heads: int | None = None,
     head_axis: int = 0,
+    head_parts: int = 1,
     *,
     level: float,
 ) -> torch.Tensor:
     if kind == "attention":
         if num_heads is None:
             raise ValueError("head pruning needs num_heads")
-        return _remove_heads(weight, level, num_heads, head_axis, scores)
+        return _remove_heads(weight, level, num_heads, head_axis, scores, head_parts)
     return _remove_rows(weight, level, scores)
 
 

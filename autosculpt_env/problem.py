@@ -36,7 +36,8 @@ from . import data as data_mod
 from . import zoo
 from .cost import CostTable, build_cost_table
 from .graph import COUPLING, NetGraph, build_graph
-from .patterns import Catalog, get_catalog
+from .patterns import Catalog, Heads, get_catalog
+from .traceable import make_traceable
 
 
 @dataclass
@@ -51,7 +52,7 @@ class LayerInfo:
     batch_norms: list[
         str
     ]  # batch norms on the layer's channel-preserving paths (zeroed with a channel)
-    heads: tuple[int, int] | None = None  # (num_heads, head_axis) of attention projections
+    heads: Heads | None = None  # head structure of attention projections
     energy: float = 0.0
     valid: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
@@ -59,7 +60,9 @@ class LayerInfo:
 def resolve_model(model: str | nn.Module, dataset: str, data_dir=None) -> tuple[nn.Module, str]:
     """Return ``(network, model_name)`` for a zoo name or a user's ``nn.Module``.
 
-    A user's module is deep-copied once so the env never changes the caller's weights.
+    A user's module is deep-copied once so the env never changes the caller's weights, and
+    its ``torch.nn`` transformer modules are rewritten into traceable equivalents
+    (:func:`autosculpt_env.traceable.make_traceable`) so their layers can be pruned.
     """
     if isinstance(model, str):
         zoo_models = sorted({m for m, _ in zoo.ENTRIES})
@@ -70,7 +73,7 @@ def resolve_model(model: str | nn.Module, dataset: str, data_dir=None) -> tuple[
             )
         return zoo.load(model, dataset, data_dir=data_dir), model
     if isinstance(model, nn.Module):
-        return copy.deepcopy(model).eval(), type(model).__name__
+        return make_traceable(copy.deepcopy(model)).eval(), type(model).__name__
     raise TypeError(f"model must be a zoo name or an nn.Module, got {type(model).__name__}")
 
 
@@ -251,28 +254,38 @@ class PruningProblem:
 
     # ------------------------------------------------------------------ structure
     @staticmethod
-    def _head_kwargs(heads: tuple[int, int] | None) -> dict:
-        return {} if heads is None else {"num_heads": heads[0], "head_axis": heads[1]}
+    def _head_kwargs(heads: Heads | None) -> dict:
+        return {} if heads is None else heads.mask_kwargs()
 
     def _ranking_scores(self) -> list[torch.Tensor | None]:
         """Group scores for catalogs with ``group_ranking``: coupled layers rank channels alike.
 
         A layer's per-channel score is the summed L2 norm of that channel's filters over its
         coupling group. An attention output projection takes the scores of its module's
-        q/k/v group along its input (head) axis, so it drops the heads v drops.
+        q/k/v group along its input (head) axis (for a fused qkv projection, the summed norms
+        of its q, k and v rows), so it drops the heads q, k and v drop.
         """
         if not self.catalog.group_ranking:
             return [None] * self.num_layers
         l2 = {}
         for layer in self.layers:
-            axis = layer.heads[1] if layer.heads else 0
+            axis = layer.heads.axis if layer.heads else 0
             l2[layer.name] = layer.weight.transpose(0, axis).flatten(1).norm(dim=1)
         scores: list[torch.Tensor | None] = []
         for layer in self.layers:
             name = layer.name
-            if layer.heads and layer.heads[1] == 1:  # proj: follow its module's v
-                v = name.rsplit(".", 1)[0] + ".v"
-                name = v if v in l2 else name
+            if self.graph.attention_role(name) == "out":  # follow its module's v (or qkv)
+                parent = name.rpartition(".")[0]
+                siblings = {
+                    self.graph.attention_role(n): n
+                    for n in self.graph.layers
+                    if n.rpartition(".")[0] == parent
+                }
+                if "qkv" in siblings:
+                    fused = l2[siblings["qkv"]]
+                    scores.append(fused.reshape(3, -1).sum(0))
+                    continue
+                name = siblings.get("v", name)
             group = [g for g in self.graph.group_of(name) if l2[g].shape == l2[name].shape]
             scores.append(torch.stack([l2[g] for g in group]).sum(0) if len(group) > 1 else None)
         return scores

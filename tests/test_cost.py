@@ -46,7 +46,7 @@ class Problem:
 
     def _extra(self, name: str) -> dict:
         heads = self.graph.heads(name)
-        return {} if heads is None else {"num_heads": heads[0], "head_axis": heads[1]}
+        return {} if heads is None else heads.mask_kwargs()
 
     def mask(self, layer: int, action: int) -> torch.Tensor | None:
         if (layer, action) not in self.cache:
@@ -286,7 +286,7 @@ def test_min_flops_next_matches_min_flops_from_for_every_action():
                 name = graph.layers[li]
                 kind = graph.layer_kind(name)
                 heads = graph.heads(name)
-                kw = {} if heads is None else {"num_heads": heads[0], "head_axis": heads[1]}
+                kw = {} if heads is None else heads.mask_kwargs()
                 w = modules[name].weight.detach()
                 if not catalog.valid_for(tuple(w.shape), kind, **kw)[a]:
                     return None

@@ -179,8 +179,8 @@ def test_vit_attention_groups_and_heads():
     assert graph.layer_kind("blocks.0.attn.q") == "attention"
     assert graph.layer_kind("blocks.0.mlp.fc1") == "linear"
     assert graph.layer_kind("patch_embed") == "conv"
-    assert graph.heads("blocks.0.attn.v") == (4, 0)
-    assert graph.heads("blocks.0.attn.proj") == (4, 1)
+    assert graph.heads("blocks.0.attn.v") == (4, 0, 1)
+    assert graph.heads("blocks.0.attn.proj") == (4, 1, 1)
     assert graph.heads("blocks.0.mlp.fc1") is None
     assert graph.consumers("blocks.0.mlp.fc1") == ["blocks.0.mlp.fc2"]  # GELU(0) = 0
     assert graph.consumers("blocks.0.attn.v") == []  # through a matmul

@@ -43,6 +43,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _threads_option(parser: argparse.ArgumentParser, default: int | None = 1) -> None:
+    parser.add_argument("--threads", type=_positive_int, default=default, help="torch CPU threads")
+
+
+def _tolerance_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tolerance", type=_fraction, default=1e-3, help="accuracy tolerance (fraction)"
+    )
+
+
 def _cmd_zoo_list(args: argparse.Namespace) -> int:
     from . import zoo
 
@@ -423,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data-dir", default=None, help="dataset folder")
     tr.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     tr.add_argument("--seed", type=int, default=None, help="override the entry's seed")
-    tr.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    _threads_option(tr, default=None)
     tr.set_defaults(func=_cmd_zoo_train)
 
     info = sub.add_parser(
@@ -439,10 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reward-split accuracy (within --tolerance) with the recorded metrics.",
     )
     ev.add_argument("record", help="record JSON (best.json), leaderboard row, or fine-tuned folder")
-    ev.add_argument(
-        "--tolerance", type=_fraction, default=1e-3, help="accuracy tolerance (fraction)"
-    )
-    ev.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
+    _tolerance_option(ev)
+    _threads_option(ev)
     ev.add_argument("--json", action="store_true", help="print as JSON")
     ev.set_defaults(func=_cmd_evaluate)
 
@@ -462,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", type=int, default=None, help="train on a subset of this many images"
     )
     ft.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
-    ft.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
+    _threads_option(ft)
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     ft.set_defaults(func=_cmd_finetune)
 
@@ -475,10 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
         "test accuracies, fine-tuning every row again (slow). See docs/CHECKS.md.",
     )
     va.add_argument("rows", nargs="+", help="rows folders and/or row files")
-    va.add_argument(
-        "--tolerance", type=_fraction, default=1e-3, help="accuracy tolerance (fraction)"
-    )
-    va.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
+    _tolerance_option(va)
+    _threads_option(va)
     va.add_argument(
         "--full",
         action="store_true",
@@ -498,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--batch-size", type=int, default=256, help="batch for the timing")
     ex.add_argument("--repeats", type=int, default=20, help="timed runs (median kept)")
-    ex.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    _threads_option(ex)
     ex.set_defaults(func=_cmd_export)
 
     _add_leaderboard_parser(sub)

@@ -232,6 +232,21 @@ class NetGraph:
         types, links = self._edge_arrays
         return gymnasium.spaces.GraphInstance(nodes=x, edges=types.copy(), edge_links=links.copy())
 
+    def data_flow(self, reverse: bool = False) -> dict[int, list[int]]:
+        """Node index -> the nodes its output flows into (``reverse``: the nodes feeding it),
+        over ``forward`` and ``residual`` edges (``coupling`` edges carry no data)."""
+        return self._flow[1 if reverse else 0]
+
+    @cached_property
+    def _flow(self) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        succ: dict[int, list[int]] = {}
+        pred: dict[int, list[int]] = {}
+        for s, d, t in self.edges:
+            if t != COUPLING:
+                succ.setdefault(s, []).append(d)
+                pred.setdefault(d, []).append(s)
+        return succ, pred
+
     @cached_property
     def _edge_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         links = np.array([(s, d) for s, d, _ in self.edges], dtype=np.int64).reshape(-1, 2)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import COUPLING, NetGraph, build_graph
+from .graph import NetGraph, build_graph
 from .patterns import attention_role
 
 
@@ -248,10 +248,7 @@ def _reaches_only(graph: NetGraph, layer: str, allowed: set[str]) -> bool:
     own batch norms, activations, pools, flatten) and ends at layers in ``allowed``."""
     layer_at = dict(zip(graph.layer_nodes, graph.layers))
     norms = set(graph.batch_norms(layer))
-    succ: dict[int, list[int]] = {}
-    for s, d, t in graph.edges:
-        if t != COUPLING:
-            succ.setdefault(s, []).append(d)
+    succ = graph.data_flow()
     stack, seen = [graph.layer_nodes[graph.layers.index(layer)]], set()
     while stack:
         n = stack.pop()

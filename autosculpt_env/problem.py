@@ -35,7 +35,7 @@ from torch import nn
 from . import data as data_mod
 from . import zoo
 from .cost import CostTable, build_cost_table
-from .graph import COUPLING, NetGraph, build_graph
+from .graph import NetGraph, build_graph
 from .patterns import Catalog, Heads, get_catalog
 from .traceable import make_traceable
 
@@ -77,14 +77,21 @@ def resolve_model(model: str | nn.Module, dataset: str, data_dir=None) -> tuple[
     raise TypeError(f"model must be a zoo name or an nn.Module, got {type(model).__name__}")
 
 
+def action_index(action, what: str) -> int:
+    """``action`` as an int (a 0-d array is unwrapped); bools and non-integers raise
+    ``TypeError`` starting with ``what``."""
+    if isinstance(action, np.ndarray) and action.ndim == 0:
+        action = action.item()
+    if isinstance(action, bool | np.bool_) or not isinstance(action, numbers.Integral):
+        raise TypeError(f"{what}, got {type(action).__name__} {action!r}")
+    return int(action)
+
+
 def output_layers(graph: NetGraph) -> list[str]:
     """Prunable layers that feed the network's output with no other prunable layer between
     (the classifier). Pruning their output rows would delete classes or logits."""
     layer_at = dict(zip(graph.layer_nodes, graph.layers))
-    into: dict[int, list[int]] = {}
-    for src, dst, etype in graph.edges:
-        if etype != COUPLING:  # data flow only
-            into.setdefault(dst, []).append(src)
+    into = graph.data_flow(reverse=True)
     out, stack, seen = [], [len(graph.nodes) - 1], set()
     while stack:
         n = stack.pop()
@@ -315,12 +322,16 @@ class PruningProblem:
             for i, (layer, a) in enumerate(zip(self.layers, policy))
         }
 
-    def check_policy(self, policy: Sequence[int]) -> None:
-        """Raise ``ValueError`` naming the first layer whose action is out of range or invalid."""
+    def check_length(self, policy: Sequence) -> None:
+        """Raise ``ValueError`` unless ``policy`` has one action per layer."""
         if len(policy) != self.num_layers:
             raise ValueError(
                 f"a policy needs {self.num_layers} actions (one per layer), got {len(policy)}"
             )
+
+    def check_policy(self, policy: Sequence[int]) -> None:
+        """Raise ``ValueError`` naming the first layer whose action is out of range or invalid."""
+        self.check_length(policy)
         for i, a in enumerate(policy):
             if not (0 <= int(a) < self.num_actions) or not self.valid[i, int(a)]:
                 names = [self.catalog.action_names[j] for j in np.flatnonzero(self.valid[i])]
@@ -346,17 +357,10 @@ class PruningProblem:
             )
         if policy and all(names):
             return self.actions_from_names(policy)
-        out = []
-        for i, a in enumerate(policy):
-            if isinstance(a, np.ndarray) and a.ndim == 0:
-                a = a.item()
-            if isinstance(a, bool | np.bool_) or not isinstance(a, numbers.Integral):
-                raise TypeError(
-                    f"policy entry {i} must be an action index (int) or name (str), got "
-                    f"{type(a).__name__} {a!r}"
-                )
-            out.append(int(a))
-        return out
+        return [
+            action_index(a, f"policy entry {i} must be an action index (int) or name (str)")
+            for i, a in enumerate(policy)
+        ]
 
     def actions_from_names(self, names: Sequence[str]) -> list[int]:
         """Map action names (as in an episode record) to indices, with a clear error."""

@@ -127,15 +127,20 @@ def _is_json_value(v) -> bool:
     return False
 
 
+def _check_keys(d: dict, required, known, what: str) -> None:
+    """Refuse a missing required key or an unknown one, naming them and the known keys."""
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{what} missing {missing}")
+    unknown = sorted(set(d) - set(known), key=str)
+    if unknown:
+        raise ValueError(f"{what} unknown keys {unknown}; known: {list(known)}")
+
+
 def _check_fields(d) -> None:
     if not isinstance(d, dict):
         raise ValueError(f"not an episode record: a JSON object expected, got {type(d).__name__}")
-    missing = [k for k in _REQUIRED if k not in d]
-    if missing:
-        raise ValueError(f"not an episode record: missing {missing}")
-    unknown = sorted(set(d) - set(_FIELDS), key=str)
-    if unknown:
-        raise ValueError(f"not an episode record: unknown fields {unknown}")
+    _check_keys(d, _REQUIRED, _FIELDS, "not an episode record:")
     check_env_id(d["env_id"])
     kw = d["env_kwargs"]
     if not isinstance(kw, dict):
@@ -157,12 +162,7 @@ def _check_fields(d) -> None:
     m = d["metrics"]
     if not isinstance(m, dict):
         raise ValueError(f"metrics must be an object, got {type(m).__name__}")
-    missing = [k for k in METRICS if k not in m]
-    if missing:
-        raise ValueError(f"metrics lacks {missing}")
-    unknown = sorted(set(m) - set(METRICS), key=str)
-    if unknown:
-        raise ValueError(f"metrics has unknown keys {unknown}; known: {list(METRICS)}")
+    _check_keys(m, METRICS, METRICS, "metrics")
     for k in METRICS:
         if not _is_number(m[k]) or not math.isfinite(m[k]):
             raise ValueError(f"metrics[{k!r}] must be a finite number, got {m[k]!r}")

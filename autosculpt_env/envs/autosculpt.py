@@ -24,7 +24,7 @@ from ..evaluation import (
 from ..features import FeatureLayout, static_features
 from ..graph import EDGE_TYPES
 from ..patterns import Catalog, get_catalog, register_catalog
-from ..problem import PruningProblem
+from ..problem import PruningProblem, action_index
 from ..records import METRICS, EpisodeRecord
 from ..rewards import check_reward, terminal_reward
 from ..surrogate import proxied_mode
@@ -132,7 +132,7 @@ class AutoSculptEnv(gym.Env):
     0 on every step but the last. The terminal reward is chosen with ``reward=``
     (:data:`autosculpt_env.rewards.REWARDS`; ``acc`` = accuracy, ``r`` = FLOPs reduction):
 
-{REWARDS}
+    {REWARDS}
 
     Accuracy is top-1 on the first ``reward_samples`` images of the ``reward`` split after
     batch-norm recalibration (``evaluation="accuracy"``), after a least-squares refit of the
@@ -188,7 +188,7 @@ class AutoSculptEnv(gym.Env):
     ## Registered Configurations
 
     * ``AutoSculpt-v0``: the generic env (defaults above, model ``resnet20``).
-{REGISTERED}
+    {REGISTERED}
 
     Each zoo id fixes {ENV_DEFAULTS}. Every keyword can be overridden:
     ``gym.make("AutoSculpt-ResNet", dataset="digits")`` is a fast twin.
@@ -378,14 +378,9 @@ class AutoSculptEnv(gym.Env):
             x[self._layer_rows[self._t], col("current")] = 1.0
 
     def _check_action(self, action) -> int:
-        if isinstance(action, np.ndarray) and action.ndim == 0:
-            action = action.item()
-        if isinstance(action, bool | np.bool_) or not isinstance(action, numbers.Integral):
-            raise TypeError(
-                f"action must be an integer index into the catalog (0..{self.num_actions - 1}), "
-                f"got {type(action).__name__} {action!r}"
-            )
-        a = int(action)
+        a = action_index(
+            action, f"action must be an integer index into the catalog (0..{self.num_actions - 1})"
+        )
         layer = self.problem.layers[self._t]
         valid_names = [self.action_names[i] for i in np.flatnonzero(self._mask)]
         if not 0 <= a < self.num_actions:
@@ -499,10 +494,7 @@ class AutoSculptEnv(gym.Env):
             ValueError: the policy does not have one action per layer.
         """
         idx = self.problem.policy_indices(policy)
-        if len(idx) != self.num_layers:
-            raise ValueError(
-                f"a policy needs {self.num_layers} actions (one per layer), got {len(idx)}"
-            )
+        self.problem.check_length(idx)
         for t, a in enumerate(idx):
             if not 0 <= a < self.num_actions or not self._mask_after(idx[:t])[a]:
                 return False
@@ -580,12 +572,12 @@ def _document(doc: str) -> str:
 
     parts = {
         "{FEATURES}": layout_rows()[1],
-        "{REWARDS}": "\n".join(f"    {line}" for line in reward_table().splitlines()),
+        "{REWARDS}": "\n    ".join(reward_table().splitlines()),
         "{MODELS}": names(zoo.ZOO),
         "{CATALOGS}": names(CATALOGS),
         "{REWARD_NAMES}": names(REWARDS),
-        "{REGISTERED}": "\n".join(
-            f"    * ``{m.env_id}``: ``{m.name}`` ({m.title})" for m in zoo.ZOO.values()
+        "{REGISTERED}": "\n    ".join(
+            f"* ``{m.env_id}``: ``{m.name}`` ({m.title})" for m in zoo.ZOO.values()
         ),
         "{ENV_DEFAULTS}": ", ".join(f"``{k}={v!r}``" for k, v in ENV_DEFAULTS.items()),
     }

@@ -25,8 +25,8 @@ latency_batch_size=256)`` would build ``self.latency = latency_table(self.proble
 batch_size=latency_batch_size)`` when either latency option is set, add
 ``info["latency_reduction"] = self.latency.latency_reduction(policy)`` (and ``latency_s``) to
 the terminal info, and with ``target_latency_reduction`` mask actions whose cheapest
-completion misses the budget, using :meth:`LatencyTable.min_latency_from` the way the FLOPs
-budget uses ``CostTable.min_flops_from``.
+completion misses the latency target, using :meth:`LatencyTable.min_latency_from` the way
+the FLOPs target's action wall uses ``CostTable.min_flops_from``.
 """
 
 from __future__ import annotations

@@ -253,7 +253,7 @@ class Protocol:
         else:
             scored = f"the `{self.score}` reward of the best policy on the reward split"
         return (
-            f"{self.budget} reward evaluations per search (counted by the env), reward "
+            f"{self.budget} reward evaluations per search, reward "
             f"`{self.evaluation}` on (up to) {self.reward_samples} reward-split images"
             + (f", dataset override `{self.dataset}`" if self.dataset else "")
             + f"{band}; score: {scored}; seeds {_ranges(self.seeds)}."

@@ -182,9 +182,14 @@ def aggregate(rows: list[dict], baseline: str = BASELINE, reference: str = REFER
 
 
 # ------------------------------------------------------------------------------ render
+def _num(x: float, digits: int) -> str:
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.00"
+
+
 def _ci(v: tuple[float, float, float], scale: float = 100.0, digits: int = 2) -> str:
-    m, lo, hi = (scale * x for x in v)
-    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    m, lo, hi = (_num(scale * x, digits) for x in v)
+    return f"{m} [{lo}, {hi}]"
 
 
 def render(
@@ -216,6 +221,12 @@ def render(
 
 def _render_group(g: Group, plots_dir, output) -> list[str]:
     lines = [f"## {g.title}", "", g.protocol.describe()]
+    if g.schema == 2:
+        lines += [
+            "",
+            "The env counted every search's reward evaluations and refused any past the "
+            "budget; the count is in each row and its record.",
+        ]
     if g.schema == 1:
         lines += [
             "",
@@ -238,7 +249,7 @@ def _render_group(g: Group, plots_dir, output) -> list[str]:
         for e in agg:
             p = "–" if e["p_improvement"] is None else _ci(e["p_improvement"], 1.0)
             lines.append(
-                f"| {e['agent']} | {_ci(e['iqm'], 1.0)} | {e['mean']:.2f} | {p} | {e['runs']} |"
+                f"| {e['agent']} | {_ci(e['iqm'], 1.0)} | {_num(e['mean'], 2)} | {p} | {e['runs']} |"
             )
         lines.append("")
     if plots_dir is not None:

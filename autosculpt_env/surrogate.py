@@ -12,17 +12,20 @@ policy's features are array lookups):
 * ``action``: one-hot of each layer's action (one column per valid (layer, action));
 * ``removed_energy``: per layer, the fraction of weight energy (sum of squares) removed;
 * ``removed_weights``: per layer, the fraction of weights removed;
+* ``removed_channels``: per layer, the fraction of output channels (weight rows) removed
+  whole, which also silences them downstream;
 * ``pairs``: products of ``removed_energy`` over pairs of layers the graph links: a
   producer and the consumer reading its channels, layers of one coupling group (they meet
   at a residual add), and neighbours in topological order;
 * ``totals``: FLOPs and parameters left (per-layer sums, without dead-channel corrections),
-  mean and max removed energy, mean removed weights, mean log kept energy.
+  mean and max removed energy, mean removed weights and channels, mean log kept energy.
 
 **Models** (:data:`CANDIDATES`; every one predicts in NumPy, no scikit-learn call per
 policy): ``additive`` (ridge on ``action`` + ``totals``: a fitted per-(layer, action)
-sensitivity table), ``pairwise`` (ridge adding ``removed_energy`` and the ``pairs``
-interactions), ``mlp`` (one hidden layer of 16 ReLUs, L2 penalty 10, L-BFGS) and ``trees`` (gradient-boosted trees,
-300 of depth 3, compiled to arrays), the last two on the continuous blocks.
+sensitivity table), ``pairwise`` (ridge adding ``removed_energy``, ``removed_channels`` and
+the ``pairs`` interactions), ``mlp`` (one hidden layer of 16 ReLUs, L2 penalty 10, L-BFGS)
+and ``trees`` (gradient-boosted trees, 300 of depth 3, compiled to arrays), the last two on
+the continuous blocks. Every model is fitted on the log-odds of accuracy (:func:`logit`).
 
 **Choice by measurement.** Leave one sampler out (NAS-Bench-301): for each sampler, fit on
 the others' policies (any policy the held-out sampler also drew is left out of training)
@@ -48,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import time
 import warnings
@@ -65,8 +69,11 @@ from .policy_collection import Collection, Design, EvaluationStore, collect
 from .problem import PruningProblem
 from .records import default_file_mode
 
-FORMAT = 1
-"""Version of the key, features and file layout; bumped when any of them changes."""
+KEY_FORMAT = 1
+"""Version of :func:`config_key` (what decides a stored accuracy); bumped when it changes."""
+
+FORMAT = 2
+"""Version of the features, models and fit file layout; bumped when any of them changes."""
 
 SHIPPED_DIR = Path(__file__).parent / "surrogates"
 MANIFEST = "manifest.json"
@@ -78,21 +85,29 @@ one, about the evaluations a per-(layer, action) sensitivity table of ResNet-20 
 FULL_DESIGN = Design(per_sampler=220)
 """What ``benchmarks/proxy_fidelity.py`` collects for the registered tasks (1,101 policies)."""
 
-BLOCKS: tuple[str, ...] = ("action", "removed_energy", "removed_weights", "pairs", "totals")
+BLOCKS: tuple[str, ...] = (
+    "action",
+    "removed_energy",
+    "removed_weights",
+    "removed_channels",
+    "pairs",
+    "totals",
+)
 TOTALS: tuple[str, ...] = (
     "flops_left",
     "params_left",
     "mean_removed_energy",
     "max_removed_energy",
     "mean_removed_weights",
+    "mean_removed_channels",
     "mean_log_kept_energy",
 )
 
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "additive": ("action", "totals"),
-    "pairwise": ("action", "removed_energy", "pairs", "totals"),
-    "mlp": ("removed_energy", "removed_weights", "pairs", "totals"),
-    "trees": ("removed_energy", "removed_weights", "pairs", "totals"),
+    "pairwise": ("action", "removed_energy", "removed_channels", "pairs", "totals"),
+    "mlp": ("removed_energy", "removed_weights", "removed_channels", "pairs", "totals"),
+    "trees": ("removed_energy", "removed_weights", "removed_channels", "pairs", "totals"),
 }
 """Candidate models and the feature blocks each reads."""
 
@@ -161,7 +176,7 @@ def config_key(
         mode_settings["recipe"] = default_recipe(dataset).to_dict()
     recal = plain.recal_images
     key = {
-        "format": FORMAT,
+        "format": KEY_FORMAT,
         "model": problem.model_name,
         "weights": weights,
         "catalog": problem.catalog.name,
@@ -257,10 +272,12 @@ class Features:
     def __init__(self, problem: PruningProblem):
         L, P = problem.num_layers, problem.num_actions
         self.num_layers, self.num_actions = L, P
-        energy, weights = np.zeros((L, P)), np.zeros((L, P))
+        energy, weights, channels = np.zeros((L, P)), np.zeros((L, P)), np.zeros((L, P))
         for i, a in zip(*np.nonzero(problem.valid)):
+            mask = problem.mask(int(i), int(a))
             energy[i, a] = 1.0 - problem.kept_energy(int(i), int(a))
-            weights[i, a] = 1.0 - float(problem.mask(int(i), int(a)).float().mean())
+            weights[i, a] = 1.0 - float(mask.float().mean())
+            channels[i, a] = float((~mask.flatten(1).any(1)).float().mean())
         self.energy = energy
         pairs = np.asarray(graph_pairs(problem), dtype=np.int64).reshape(-1, 2)
         self.pair_a, self.pair_b = pairs[:, 0], pairs[:, 1]
@@ -268,6 +285,7 @@ class Features:
             "action": int(problem.valid.sum()),
             "removed_energy": L,
             "removed_weights": L,
+            "removed_channels": L,
             "pairs": len(pairs),
             "totals": len(TOTALS),
         }
@@ -286,10 +304,12 @@ class Features:
             t[self.slices["action"].start + col] = 1.0
             t[self.slices["removed_energy"].start + i] = energy[i, a]
             t[self.slices["removed_weights"].start + i] = weights[i, a]
+            t[self.slices["removed_channels"].start + i] = channels[i, a]
             t[total["flops_left"]] = cost.flops[i, a] / float(cost.dense_flops)
             t[total["params_left"]] = cost.params[i, a] / float(cost.dense_params)
             t[total["mean_removed_energy"]] = energy[i, a] / L
             t[total["mean_removed_weights"]] = weights[i, a] / L
+            t[total["mean_removed_channels"]] = channels[i, a] / L
             t[total["mean_log_kept_energy"]] = np.log(max(1.0 - energy[i, a], 1e-3)) / L
         self.table = table
         self.offset = np.zeros(self.dim)
@@ -418,8 +438,17 @@ def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(scale > 1e-12, scale, 1.0)
 
 
+def logit(accuracy: np.ndarray) -> np.ndarray:
+    """The scale models are fitted on: accuracy is a probability, and layers' damage adds
+    up more nearly in log-odds (an accuracy near chance or near 1 moves little)."""
+    a = np.clip(accuracy, 1e-3, 1 - 1e-3)
+    return np.log(a / (1 - a))
+
+
 def fit_candidate(name: str, x: np.ndarray, y: np.ndarray, features: Features) -> Model:
     """Fit one of :data:`CANDIDATES` on feature rows ``x`` and accuracies ``y``.
+
+    The model predicts :func:`logit` accuracy (a monotone map: rankings are unchanged).
 
     BLAS runs on one thread: small solves gain nothing from more, and a fixed thread count
     keeps the fit bit-for-bit reproducible.
@@ -427,7 +456,7 @@ def fit_candidate(name: str, x: np.ndarray, y: np.ndarray, features: Features) -
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1):
-        return _fit_candidate(name, x, y, features)
+        return _fit_candidate(name, x, logit(np.asarray(y, dtype=np.float64)), features)
 
 
 def _fit_candidate(name: str, x: np.ndarray, y: np.ndarray, features: Features) -> Model:
@@ -549,8 +578,8 @@ def leave_one_sampler_out(
 class Surrogate:
     """A fitted model with the key, target and collection it was fitted on.
 
-    Call it with a policy (action indices) for the predicted accuracy, clipped to [0, 1];
-    the dense policy gets the measured dense accuracy.
+    Call it with a policy (action indices) for the predicted accuracy (in (0, 1): the
+    model's log-odds through a sigmoid); the dense policy gets the measured dense accuracy.
     """
 
     def __init__(
@@ -594,7 +623,7 @@ class Surrogate:
     def predict(self, policies: np.ndarray) -> np.ndarray:
         """Predicted accuracies of an ``(N, L)`` array of policies."""
         pol = np.asarray(policies, dtype=np.int64).reshape(-1, len(self._dense))
-        out = np.clip(self.model.predict(self.features(pol)), 0.0, 1.0)
+        out = 1.0 / (1.0 + np.exp(-self.model.predict(self.features(pol))))
         out[(pol == self._dense).all(1)] = self.dense_accuracy
         return out
 
@@ -602,7 +631,7 @@ class Surrogate:
         pol = np.asarray(policy, dtype=np.int64)
         if (pol == self._dense).all():
             return self.dense_accuracy
-        return float(min(1.0, max(0.0, self.model.predict(self.features.one(pol))[0])))
+        return float(1.0 / (1.0 + math.exp(-self.model.predict(self.features.one(pol))[0])))
 
     def time_predict(self, calls: int = 300) -> float:
         """Median microseconds of one call on a stored policy (measured here, now)."""
@@ -755,7 +784,8 @@ def evaluations_path(key: dict) -> Path:
 
 def fit_path(key: dict, target: float, design: Design) -> Path:
     """Where the fit of a configuration, target and design is cached."""
-    return _fits_dir() / f"{_digest([key, round(float(target), 9), design.to_dict()])}.npz"
+    digest = _digest([key, round(float(target), 9), design.to_dict(), FORMAT])
+    return _fits_dir() / f"{digest}.npz"
 
 
 def read_manifest(folder: Path = SHIPPED_DIR) -> dict:
@@ -923,6 +953,16 @@ def load_or_build(
         return s
 
 
+def proxied_mode_of(env_id: str) -> str:
+    """:func:`proxied_mode` of a registered id's configuration."""
+    from . import REGISTERED_CONFIGS
+
+    if env_id not in REGISTERED_CONFIGS:
+        raise ValueError(f"unknown env id {env_id!r}; registered: {', '.join(REGISTERED_CONFIGS)}")
+    cfg = {**_env_defaults(), **REGISTERED_CONFIGS[env_id]}
+    return proxied_mode(cfg["model"], cfg["catalog"])
+
+
 def heldout_agreement(env_id: str, target: float, folder: Path = SHIPPED_DIR) -> float | None:
     """The shipped surrogate's lowest held-out Spearman for a task (env id, FLOPs target).
 
@@ -931,13 +971,11 @@ def heldout_agreement(env_id: str, target: float, folder: Path = SHIPPED_DIR) ->
     """
     from . import REGISTERED_CONFIGS
 
-    cfg = REGISTERED_CONFIGS.get(env_id)
-    if cfg is None:
+    if env_id not in REGISTERED_CONFIGS:
         return None
-    cfg = {**_env_defaults(), **cfg}
     for entry in read_manifest(folder)["surrogates"].values():
         if entry.get("env_id") == env_id and abs(float(entry.get("target", -1)) - target) < 1e-9:
-            if entry.get("mode") != proxied_mode(cfg["model"], cfg["catalog"]):
+            if entry.get("mode") != proxied_mode_of(env_id):
                 return None
             return entry.get("heldout_min")
     return None

@@ -65,16 +65,16 @@ def run_task(name: str, args: Args) -> surrogate.Surrogate:
         raise SystemExit(f"--tasks: {e}") from None
     env_id, target = task.env_id, task.target_flops_reduction
     kw = {} if args.dataset is None else {"dataset": args.dataset}
-    env = gym.make(env_id, target_flops_reduction=target, **kw)
-    key, mode = surrogate.env_key(env)
+    mode = surrogate.proxied_mode_of(env_id)
     scorer = gym.make(env_id, target_flops_reduction=target, evaluation=mode, **kw).unwrapped
+    key, _ = surrogate.env_key(scorer)
 
     def evaluator():
         return lambda policy: scorer.evaluate_policy(policy)["accuracy"]
 
     design = Design(tuple(args.samplers), args.per_sampler, args.seed)
     t0 = time.perf_counter()
-    s = surrogate.build(env.unwrapped.problem, key, target, evaluator, design, args.progress)
+    s = surrogate.build(scorer.problem, key, target, evaluator, design, args.progress)
     print(
         f"{name}: {len(s.collection.policies)} policies ({scorer.num_reward_evaluations} "
         f"evaluated now), mode {mode}, chosen {s.model_name}, held-out Spearman min "
@@ -109,9 +109,15 @@ def render(results: dict[str, surrogate.Surrogate], command: str) -> str:
         meta = s.meta()
         c = s.collection
         cands = list(s.heldout)
+        lines += [f"## {name}", ""]
+        if meta["design"]["per_sampler"] < surrogate.FULL_DESIGN.per_sampler:
+            lines += [
+                f"*A small run ({meta['design']['per_sampler']} policies per sampler; the full "
+                f"design draws {surrogate.FULL_DESIGN.per_sampler}): it checks the pipeline; its "
+                "figures are not the proxy's published fidelity.*",
+                "",
+            ]
         lines += [
-            f"## {name}",
-            "",
             f"Mode `{meta['mode']}` of `{meta['key']['model']}` on `{meta['key']['dataset']}`, "
             f"{meta['policies']} policies ({meta['design']['per_sampler']} per sampler, seed "
             f"{meta['design']['seed']}) + the dense one (accuracy {s.dense_accuracy:.4f}); "

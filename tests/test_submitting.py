@@ -76,3 +76,20 @@ def test_an_installed_package_is_told_where_the_agents_are(monkeypatch):
     message = str(e.value)
     assert "--agents-dir" in message and agents_mod.AGENTS_PATH_ENV in message
     assert lb.find_agent("ppo_gnn", [ROOT / "agents"]).script == ROOT / "agents" / "ppo_gnn.py"
+
+
+def test_an_agent_that_changes_its_env_is_refused(tmp_path):
+    """An agent that builds its env with another keyword (here a wider FLOPs band) gets no row."""
+    cheat = tmp_path / "wide_band.py"
+    cheat.write_text(
+        "import functools, runpy, gymnasium as gym\n"
+        "gym.make = functools.partial(gym.make, band_tolerance=0.3)\n"
+        f"runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')\n"
+    )
+    protocol = lb.make_protocol(seeds=[1], dataset="digits", budget=4, finetune_samples=64)
+    result = lb.run_all(
+        protocol, [TASK], [str(cheat)], tmp_path / "rows", tmp_path / "runs", progress=False
+    )
+    [error] = result["failed"].values()
+    assert "env keyword band_tolerance=0.3, the task's is 0.05" in error
+    assert not list((tmp_path / "rows").glob("*.json"))

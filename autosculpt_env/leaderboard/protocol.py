@@ -361,6 +361,47 @@ def task_dataset(task: Task, protocol: Protocol) -> str:
     return gym.spec(task.env_id).kwargs.get("dataset", "fashion-mnist")
 
 
+def task_env_kwargs(task: Task, protocol: Protocol) -> dict:
+    """The env keyword arguments a search of ``task`` under ``protocol`` runs with: the
+    registered configuration's, with the task's target and the protocol's dataset, search
+    reward and reward samples (``data_dir`` is the user's and not compared)."""
+    import inspect
+
+    import gymnasium as gym
+
+    from ..envs.autosculpt import AutoSculptEnv
+
+    params = inspect.signature(AutoSculptEnv.__init__).parameters
+    kwargs = {k: p.default for k, p in params.items() if k not in ("self", "render_mode")}
+    kwargs.update(gym.spec(task.env_id).kwargs)
+    kwargs.update(
+        target_flops_reduction=task.target_flops_reduction,
+        evaluation=protocol.evaluation,
+        reward_samples=protocol.reward_samples,
+        dataset=task_dataset(task, protocol),
+    )
+    kwargs.pop("data_dir", None)
+    return kwargs
+
+
+def env_kwargs_problems(record_kwargs: dict, expected: dict) -> list[str]:
+    """Keywords of a record's env that differ from the task's (keys the record lacks are an
+    older env's and left alone)."""
+    problems = []
+    for key, value in sorted(record_kwargs.items()):
+        if key not in expected:
+            continue
+        want = expected[key]
+        same = (
+            abs(float(value) - float(want)) <= 1e-12
+            if isinstance(value, float) and isinstance(want, int | float)
+            else value == want
+        )
+        if not same:
+            problems.append(f"env keyword {key}={value!r}, the task's is {want!r}")
+    return problems
+
+
 def row_id(task: Task, agent: str, seed: int) -> str:
     """``TASK__AGENT__seedN``, the name of a row's file."""
     from pathlib import Path

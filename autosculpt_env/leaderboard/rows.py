@@ -24,7 +24,15 @@ from pathlib import Path
 from .. import data
 from ..budget import within_band
 from ..records import EpisodeRecord, atomic_write_text, check_env_id, make_env, replay
-from .protocol import Protocol, Task, row_id, task_dataset, track_of
+from .protocol import (
+    Protocol,
+    Task,
+    env_kwargs_problems,
+    row_id,
+    task_dataset,
+    task_env_kwargs,
+    track_of,
+)
 
 _NUM, _INT, _STR, _BOOL, _LIST, _DICT, _NONE = (
     "number",
@@ -322,6 +330,7 @@ def _row_against_record(row: dict, record: EpisodeRecord) -> list[str]:
             if stamp["limit"] != budget:
                 errors.append(f"the record's budget {stamp['limit']} != the row's {budget}")
         same("track", track_of(protocol), "its protocol's track")
+        errors += env_kwargs_problems(kw, task_env_kwargs(task, protocol))
     else:
         same("found_at_evaluation", extra.get("reward_evaluations"), "record's extra")
     if found is None or not 1 <= found <= budget:

@@ -31,7 +31,7 @@ from .. import __version__, data
 from ..budget import LEDGER_ENV, MAX_ENV, read_ledger, within_band
 from ..records import EpisodeRecord, make_env
 from .agents import AgentProgram, agent_command, find_agent
-from .protocol import Protocol, Task, row_id, task_dataset
+from .protocol import Protocol, Task, env_kwargs_problems, row_id, task_dataset, task_env_kwargs
 
 ROW_SCHEMA = 2
 """The row format this harness writes (rows of schema 1, the first leaderboard's, are still
@@ -189,6 +189,8 @@ def check_search(result: Search, task: Task, protocol: Protocol) -> list[str]:
             f"reward_samples {kw.get('reward_samples')} != the protocol's {protocol.reward_samples} "
             "(the agents take the env's default)"
         )
+    if not problems:  # every other keyword (catalog, reward ...) is the task's too
+        problems += env_kwargs_problems(kw, task_env_kwargs(task, protocol))
     # the budget, as the env counted it
     stamp = record.reward_evaluations
     if result.reward_evaluations > protocol.budget:

@@ -232,14 +232,24 @@ def test_a_rows_dir_holds_one_protocol(board, tmp_path):
     other = lb.make_protocol(budget=7, seeds=SEEDS, dataset="digits")
     with pytest.raises(ValueError, match="another protocol"):
         lb.run_all(
-            other, [lb.Task.parse(TASK)], AGENTS, board["paths"]["rows_dir"], tmp_path, progress=False
+            other,
+            [lb.Task.parse(TASK)],
+            AGENTS,
+            board["paths"]["rows_dir"],
+            tmp_path,
+            progress=False,
         )
     # nor rows of the first leaderboard's schema, even under the same protocol key
     first = lb.load_rows(ROOT / "benchmarks" / "rows")
     old = lb.Protocol.from_dict(first[0]["protocol"])
     with pytest.raises(ValueError, match="schema 1"):
         lb.run_all(
-            old, [lb.Task.parse(TASK)], AGENTS, ROOT / "benchmarks" / "rows", tmp_path, progress=False
+            old,
+            [lb.Task.parse(TASK)],
+            AGENTS,
+            ROOT / "benchmarks" / "rows",
+            tmp_path,
+            progress=False,
         )
 
 
@@ -270,3 +280,22 @@ def test_tasks_and_protocol():
         assert lb.TRACKS[large].budget > lb.TRACKS[large[:4]].budget
     with pytest.raises(FileNotFoundError, match="no agent"):
         lb.agent_script("no_such_agent")
+
+
+def test_one_argument_definition_for_both_front_ends():
+    """`autosculpt leaderboard` and `benchmarks/leaderboard.py` take the same options."""
+    import argparse
+    import runpy
+
+    def options(parser):
+        return sorted(s for a in parser._actions for s in a.option_strings)
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    script = runpy.run_path(str(ROOT / "benchmarks" / "leaderboard.py"))["main"]
+    with pytest.raises(SystemExit) as e:
+        script(["--help"])
+    assert e.value.code == 0
+    standalone = argparse.ArgumentParser()
+    lb.add_arguments(standalone)
+    assert options(sub.choices["leaderboard"]) == options(standalone)
+    assert {"--track", "--backend", "--address", "--agents-dir"} <= set(options(standalone))

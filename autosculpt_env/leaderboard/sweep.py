@@ -113,8 +113,8 @@ def run_all(
     protocol: Protocol,
     tasks: Sequence[Task],
     agents: Sequence[str] = AGENTS,
-    rows_dir: str | os.PathLike = "benchmarks/tracks/full/rows",
-    workdir: str | os.PathLike = "benchmarks/tracks/full/runs",
+    rows_dir: str | os.PathLike | None = None,
+    workdir: str | os.PathLike | None = None,
     jobs: int = 1,
     progress: bool = True,
     backend: str = "local",
@@ -127,6 +127,8 @@ def run_all(
     row, is reported, and does not stop the others.
 
     Args:
+        rows_dir, workdir: the row files and the runs' folders (default: the track's,
+            ``benchmarks/tracks/TRACK/rows`` and ``.../runs``).
         jobs: runs at a time (local backend; Ray schedules by the CPUs each task asks for).
         backend: ``"local"`` or ``"ray"``.
         address: the Ray cluster to join (``None``: start a local instance, or use the one
@@ -138,7 +140,11 @@ def run_all(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    rows_dir, workdir = Path(rows_dir).resolve(), Path(workdir).resolve()
+    from .cli import default_rows_dir, default_work_dir
+
+    track = protocol.name or "custom"
+    rows_dir = Path(rows_dir if rows_dir is not None else default_rows_dir(track)).resolve()
+    workdir = Path(workdir if workdir is not None else default_work_dir(track)).resolve()
     check_writable(rows_dir, "rows folder", "--rows-dir")
     check_writable(workdir, "work folder", "--work-dir")
     with ExitStack() as locks:  # before anything is read, deleted or run

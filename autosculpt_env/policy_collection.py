@@ -33,8 +33,8 @@ evaluation after a header line holding the key (everything that decides an accur
 :func:`autosculpt_env.surrogate.config_key`). Each evaluation is appended and synced before
 the next starts, so a killed collection loses at most the one in flight; replaying the
 samplers against the store re-derives which sampler drew which policy without evaluating
-anything again. A lock file serialises collectors of one store (e.g. the copies of an
-``AsyncVectorEnv``).
+anything again. Processes collecting into one store at once share the work: each
+evaluation is made under a lock file after reading the others' new lines.
 """
 
 from __future__ import annotations
@@ -127,6 +127,11 @@ class Collection:
 class EvaluationStore:
     """``policy -> accuracy`` on disk (JSON lines after a key header), append-only.
 
+    Several processes may fill one store at once (two collections of one configuration, or
+    an ``AsyncVectorEnv``'s copies building their proxy): each evaluation happens under the
+    store's lock after reading what the others appended, so none is computed twice and no
+    line is interleaved; the lock is held for one evaluation at a time.
+
     Args:
         path: the ``.jsonl`` file (created on the first :meth:`add`).
         key: what decides the accuracies; a file holding another key is refused.
@@ -137,77 +142,86 @@ class EvaluationStore:
         self.key = key
         self.values: dict[tuple[int, ...], float] = {}
         self._header = json.dumps({"key": key}, sort_keys=True)
-        self.reload()
+        self._read = 0  # bytes of the file already parsed
+        self._lines = 0
+        with self.locked():
+            pass
 
-    def reload(self) -> None:
-        """Read the file again (another process may have added to it)."""
-        self.values = {}
+    @property
+    def _fix(self) -> str:
+        return f"delete {self.path} to collect its evaluations again"
+
+    def sync(self) -> None:
+        """Read what was appended since the last call (call it under :meth:`locked`).
+
+        A last line without its newline is the one a killed collector was writing: it is
+        cut off. Any other unreadable line is an error naming the file and the line.
+        """
         if not self.path.exists():
+            self.values, self._read, self._lines = {}, 0, 0
             return
-        fix = f"delete {self.path} to collect its evaluations again"
         try:
-            raw = self.path.read_bytes()
+            with open(self.path, "rb") as f:
+                f.seek(self._read)
+                raw = f.read()
         except OSError as e:
-            raise StoreError(f"cannot read the evaluation store {self.path} ({e}); {fix}") from None
-        lines = raw.split(b"\n")
-        complete = raw.endswith(b"\n")
-        if not complete:  # the last line was being written when the collector was killed
-            lines = lines[:-1]
-        elif lines and lines[-1] == b"":
-            lines = lines[:-1]
-        if not lines:
-            self._rewrite()
+            raise StoreError(
+                f"cannot read the evaluation store {self.path} ({e}); {self._fix}"
+            ) from None
+        end = raw.rfind(b"\n") + 1
+        if end < len(raw):  # an unfinished last line: cut it off (we hold the lock)
+            os.truncate(self.path, self._read + end)
+        for line in raw[:end].splitlines():
+            self._lines += 1
+            self._parse(line)
+        self._read += end
+
+    def _parse(self, line: bytes) -> None:
+        n = self._lines
+        if n == 1:
+            try:
+                header = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise StoreError(
+                    f"{self.path} has no readable key on line 1; {self._fix}"
+                ) from None
+            if not isinstance(header, dict) or header.get("key") != self.key:
+                raise StoreError(
+                    f"{self.path} holds evaluations of another configuration (its key differs "
+                    f"from this one's); {self._fix}"
+                )
             return
         try:
-            header = json.loads(lines[0])
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise StoreError(f"{self.path} has no readable key on line 1; {fix}") from None
-        if not isinstance(header, dict) or header.get("key") != self.key:
+            d = json.loads(line)
+            actions = d["policy"]
+            if not isinstance(actions, list) or not all(type(a) is int for a in actions):
+                raise ValueError("the policy must be a list of integers")
+            acc = d["accuracy"]
+            if not isinstance(acc, float) or not 0.0 <= acc <= 1.0:
+                raise ValueError(f"accuracy {acc!r} is not a float in [0, 1]")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise StoreError(
-                f"{self.path} holds evaluations of another configuration (its key differs from "
-                f"this one's); {fix}"
-            )
-        for n, line in enumerate(lines[1:], start=2):
-            try:
-                d = json.loads(line)
-                policy = tuple(int(a) for a in d["policy"])
-                acc = d["accuracy"]
-                if not isinstance(acc, float) or not 0.0 <= acc <= 1.0:
-                    raise ValueError(f"accuracy {acc!r} is not a float in [0, 1]")
-                if any(int(a) != a for a in d["policy"]):
-                    raise ValueError("actions must be integers")
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise StoreError(
-                    f"{self.path} line {n} is not an evaluation ({type(e).__name__}: {e}); the "
-                    f"file is damaged: {fix} ({len(lines) - 1} evaluations)"
-                ) from None
-            self.values[policy] = acc
-        if not complete:
-            self._rewrite()
-
-    def _rewrite(self) -> None:
-        body = [self._header] + [
-            json.dumps({"policy": list(p), "accuracy": a}) for p, a in self.values.items()
-        ]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("\n".join(body) + "\n")
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, self.path)
+                f"{self.path} line {n} is not an evaluation ({type(e).__name__}: {e}); the "
+                f"file is damaged: {self._fix} ({len(self.values)} evaluations before it)"
+            ) from None
+        self.values[tuple(actions)] = acc
 
     def get(self, policy: Sequence[int]) -> float | None:
         return self.values.get(tuple(int(a) for a in policy))
 
     def add(self, policy: Sequence[int], accuracy: float) -> None:
-        """Store one evaluation durably (appended and synced)."""
+        """Store one evaluation durably (appended and synced; call it under :meth:`locked`)."""
         key = tuple(int(a) for a in policy)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists()
+        text = json.dumps({"policy": list(key), "accuracy": float(accuracy)}) + "\n"
+        if self._read == 0:
+            text = self._header + "\n" + text
         with open(self.path, "a") as f:
-            if new:
-                f.write(self._header + "\n")
-            f.write(json.dumps({"policy": list(key), "accuracy": float(accuracy)}) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        self._read += len(text.encode())
+        self._lines += text.count("\n")
         self.values[key] = float(accuracy)
 
     def __len__(self) -> int:
@@ -215,7 +229,7 @@ class EvaluationStore:
 
     @contextmanager
     def locked(self):
-        """Hold an exclusive lock on the store (reloading it once acquired)."""
+        """Hold the store's exclusive lock, having read what others appended."""
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +237,7 @@ class EvaluationStore:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, default_file_mode())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self.reload()
+            self.sync()
             yield self
         finally:
             os.close(fd)  # closing drops the flock
@@ -398,34 +412,36 @@ def collect(
         The :class:`Collection`.
     """
     evaluate_fn: Callable[[Sequence[int]], float] | None = None
-    with store.locked():
-        bar = tqdm(
-            total=len(design.samplers) * design.per_sampler + 1,
-            desc=desc,
-            disable=not progress,
-            leave=False,
-        )
+    bar = tqdm(
+        total=len(design.samplers) * design.per_sampler + 1,
+        desc=desc,
+        disable=not progress,
+        leave=False,
+    )
 
-        def evaluate(policy: tuple[int, ...]) -> float:
-            nonlocal evaluate_fn
-            acc = store.get(policy)
-            if acc is None:
-                if evaluate_fn is None:
-                    evaluate_fn = evaluator()
-                acc = float(evaluate_fn(list(policy)))
-                store.add(policy, acc)
-            bar.update(1)
-            return acc
+    def evaluate(policy: tuple[int, ...]) -> float:
+        nonlocal evaluate_fn
+        acc = store.get(policy)
+        if acc is None:
+            with store.locked():  # another collector may have scored it meanwhile
+                acc = store.get(policy)
+                if acc is None:
+                    if evaluate_fn is None:
+                        evaluate_fn = evaluator()
+                    acc = float(evaluate_fn(list(policy)))
+                    store.add(policy, acc)
+        bar.update(1)
+        return acc
 
-        try:
-            dense = evaluate(tuple([problem.dense_action] * problem.num_layers))
-            rows, labels = [], []
-            for j, name in enumerate(design.samplers):
-                drawn = draw(name, problem, target, design.per_sampler, design.seed, evaluate)
-                rows += drawn
-                labels += [j] * len(drawn)
-        finally:
-            bar.close()
+    try:
+        dense = evaluate(tuple([problem.dense_action] * problem.num_layers))
+        rows, labels = [], []
+        for j, name in enumerate(design.samplers):
+            drawn = draw(name, problem, target, design.per_sampler, design.seed, evaluate)
+            rows += drawn
+            labels += [j] * len(drawn)
+    finally:
+        bar.close()
     return Collection(
         policies=np.asarray(rows, dtype=np.int64).reshape(len(rows), problem.num_layers),
         accuracy=np.asarray([store.get(p) for p in rows], dtype=np.float64),

@@ -409,3 +409,28 @@ def test_proxy_fidelity_benchmark_writes_its_report(cache, tmp_path):
     assert len(fits) == 1  # cached under the benchmark's design, never served by the env
     with pytest.raises(SystemExit, match="ENV_ID@TARGET|target"):
         bench["main"](bench["Args"](tasks=["AutoSculpt-VGG@x"], dataset="digits", out=out))
+
+
+def _collect_in_child(problem, plain, key, path):
+    store = EvaluationStore(path, key)
+    collect(problem, store, lambda: plain, 0.5, TINY, progress=False)
+
+
+def test_two_collectors_share_one_store(cache):
+    import multiprocessing as mp
+
+    problem, plain = _problem()
+    key = sg.config_key(problem, plain, "digits", "accuracy", SETTINGS)
+    path = sg.evaluations_path(key)
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_collect_in_child, args=(problem, plain, key, path)) for _ in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    lines = path.read_text().splitlines()
+    policies = [tuple(json.loads(line)["policy"]) for line in lines[1:]]
+    assert len(policies) == len(set(policies))  # nothing scored twice, no line interleaved
+    full = collect(problem, EvaluationStore(path, key), _never, 0.5, TINY, progress=False)
+    assert {tuple(p) for p in full.policies} <= set(policies)

@@ -269,5 +269,15 @@ class ProxyEvaluator:
         )
         self.dense_accuracy = self.surrogate.dense_accuracy
 
+    @property
+    def identity(self) -> dict:
+        """What decides the proxy's answers: the mode it stands for and the sha256 of the
+        surrogate file (a protocol that runs on the proxy should record it)."""
+        return {
+            "mode": self.mode,
+            "sha256": self.surrogate.sha256,
+            "file": str(self.surrogate.path),
+        }
+
     def __call__(self, policy: Sequence[int]) -> float:
         return self.surrogate(policy)

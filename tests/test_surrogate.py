@@ -29,7 +29,7 @@ from autosculpt_env.policy_collection import (
 from autosculpt_env.problem import PruningProblem
 
 TINY = Design(per_sampler=4)
-SETTINGS = (2048, 1024, 2048, 256)
+SETTINGS = (2048, 1024, 2048, 256, 16)  # as the env holds them (see config_key)
 TWINS = ["AutoSculpt-ResNet", "AutoSculpt-VGG", "AutoSculpt-MobileNet", "AutoSculpt-ViT"]
 
 
@@ -321,6 +321,7 @@ def test_proxy_episode_on_every_digits_twin(cache, env_id):
     base = env.unwrapped
     proxy = base._reward_evaluator
     assert isinstance(proxy, ProxyEvaluator) and proxy.mode == "accuracy"
+    assert proxy.identity["sha256"] == zoo.sha256(proxy.surrogate.path)
     assert proxy.key == sg.env_key(gym.make(env_id, dataset="digits", reward_samples=64))[0]
     rng = np.random.default_rng(0)
     _, info = env.reset(seed=0)

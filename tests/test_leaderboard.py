@@ -299,3 +299,11 @@ def test_one_argument_definition_for_both_front_ends():
     lb.add_arguments(standalone)
     assert options(sub.choices["leaderboard"]) == options(standalone)
     assert {"--track", "--backend", "--address", "--agents-dir"} <= set(options(standalone))
+
+
+def test_a_sweep_never_writes_a_row_twice(tmp_path):
+    """A row file appears whole or not at all, and the first one written is kept."""
+    assert lb.write_row(tmp_path, {"row_id": "r", "v": 1}, exclusive=True) == tmp_path / "r.json"
+    assert lb.write_row(tmp_path, {"row_id": "r", "v": 2}, exclusive=True) is None
+    assert json.loads((tmp_path / "r.json").read_text())["v"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left

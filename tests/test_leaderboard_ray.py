@@ -101,8 +101,11 @@ def test_killed_ray_sweep_resumes_with_no_row_lost_or_duplicated(cluster, tmp_pa
     )
     expected = {lb.row_id(TASK, a, s) for a in AGENTS for s in seeds}
     assert not resumed["failed"], resumed["failed"]
-    assert set(resumed["skipped"]) == {n[:-5] for n in after_kill}
-    assert set(resumed["done"]) == expected - set(resumed["skipped"])
+    # a task of the killed driver may finish its row after the kill (Ray ends a dead
+    # driver's tasks within seconds): it is kept, not redone; nothing else is
+    assert {n[:-5] for n in after_kill} <= set(resumed["skipped"])
+    assert set(resumed["done"]).isdisjoint(resumed["skipped"])
+    assert set(resumed["done"]) | set(resumed["skipped"]) == expected
     for name, text in after_kill.items():  # rows written before the kill are left alone
         assert (paths["rows_dir"] / name).read_text() == text
     assert sorted(p.name for p in paths["rows_dir"].iterdir()) == sorted(

@@ -13,8 +13,8 @@
 
 The bootstrap is :func:`scipy.stats.bootstrap` (several samples resampled independently is
 exactly the stratified bootstrap); the statistics are a few lines of numpy on top. rliable,
-the paper's own library, is not used: its ``arch`` dependency does not import with the
-pandas release our numpy pins pull in.
+the paper's own library, is not used: the versions pip resolves beside our pins (rliable
+1.2, arch 7.2, pandas 3.1) fail on ``import arch`` (a pandas API arch 7.2 still calls).
 
 Every function takes ``scores``: one 1-D array of runs (seeds) per task, tasks in a fixed
 order. A task with a single run enters every resample unchanged (nothing to resample).

@@ -8,7 +8,8 @@ Both backends give the same guarantees:
   that never replaces an existing row), so a killed sweep leaves no half-written row and no
   row is ever written twice;
 * **resumable**: rows already present are skipped, so running the same command again
-  finishes a killed sweep with no row lost or computed twice;
+  finishes a killed sweep with no row lost or written twice (a Ray task of a killed driver
+  may still finish its row during the next run: the first row written is kept);
 * **one runner per folder**: the rows and work folders are locked (``flock``) for the whole
   sweep; a second runner stops with a clear error instead of computing every row twice;
 * **runs die with their runner**: agents get ``PR_SET_PDEATHSIG``; a local pool's workers
@@ -91,22 +92,25 @@ def check_writable(folder: str | os.PathLike, what: str, option: str) -> None:
         ) from None
 
 
-def run_and_write(job: tuple) -> tuple[str, str | None, float]:
-    """One row, run and written: ``(row id, error or None, seconds)``. Never raises: one
-    broken run must not stop the sweep. The unit of work of every backend."""
+def run_and_write(job: tuple) -> tuple[str, str | None, float, bool]:
+    """One row, run and written: ``(row id, error or None, seconds, written)``. Never
+    raises: one broken run must not stop the sweep. The unit of work of every backend.
+
+    ``written`` is ``False`` without an error when another run wrote the row first (e.g. a
+    task of a killed Ray driver that was still finishing): that row is kept, never replaced.
+    """
     task, agent, seed, protocol, workdir, rows_dir, agents_dirs = job
     rid = row_id(task, agent, seed)
     t0 = time.perf_counter()
     try:
         row = run_one(task, agent, seed, protocol, workdir, agents_dirs=agents_dirs)
     except AgentError as e:
-        return rid, f"{e}", time.perf_counter() - t0
+        return rid, f"{e}", time.perf_counter() - t0, False
     except Exception as e:
         tb = "".join(traceback.format_exception(e)[-6:])
-        return rid, f"{type(e).__name__}: {e}\n{tb}", time.perf_counter() - t0
-    if write_row(rows_dir, row, exclusive=True) is None:
-        return rid, "the row was written meanwhile by another run; kept that one", 0.0
-    return rid, None, time.perf_counter() - t0
+        return rid, f"{type(e).__name__}: {e}\n{tb}", time.perf_counter() - t0, False
+    written = write_row(rows_dir, row, exclusive=True) is not None
+    return rid, None, time.perf_counter() - t0, written
 
 
 def run_all(
@@ -179,11 +183,14 @@ def _reporter(todo, skipped, rows_dir, progress):
     if skipped:
         bar.write(f"resuming: {len(skipped)} rows exist in {rows_dir}, {len(todo)} to run")
 
-    def report(rid, err, seconds):
+    def report(rid, err, seconds, written=True):
         bar.update(1)
-        if err is None:
+        if err is None and written:
             result["done"].append(rid)
             bar.write(f"  {rid}: {seconds:.0f}s")
+        elif err is None:
+            result["skipped"].append(rid)
+            bar.write(f"  {rid}: written meanwhile by another run; kept that row")
         else:
             result["failed"][rid] = err
             bar.write(f"  {rid}: FAILED {err.splitlines()[0][:300]}")
@@ -239,6 +246,6 @@ def _run_ray(todo, skipped, rows_dir, jobs, progress, address) -> dict:
         try:
             report(*ray.get(ready[0]))
         except Exception as e:  # the worker died (killed, out of memory ...)
-            report(rid, f"{type(e).__name__}: {e}", 0.0)
+            report(rid, f"{type(e).__name__}: {e}", 0.0, False)
     bar.close()
     return result

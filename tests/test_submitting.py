@@ -4,6 +4,7 @@ validate; agents are found by path, search path or entry point, or refused clear
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -37,10 +38,18 @@ def test_example_agent_on_both_tracks(track, options, tmp_path):
     if track == "fast":  # scored by the high-fidelity reward: no fine-tuning, no test split
         assert row["record"]["env_kwargs"]["evaluation"] == lb.FAST.evaluation
         assert row["test_accuracy"] is None and row["finetune_recipe"] is None
+        assert len(row["search_reward"]["sha256"]) == 64  # the surrogate the search saw
     else:
-        assert row["score"] == row["test_accuracy"]
+        assert row["score"] == row["test_accuracy"] and row["search_reward"] is None
     assert [v["errors"] for v in lb.validate([row])] == [[]]
     assert "### AutoSculpt-ResNet@0.5" in lb.render([row])
+    if track == "fast":  # rows searched on another surrogate never share the folder
+        path = Path(row.pop("_path"))
+        path.write_text(
+            json.dumps(dict(row, search_reward={**row["search_reward"], "sha256": "0" * 64}))
+        )
+        with pytest.raises(ValueError, match="another surrogate"):
+            lb.run_all(protocol, [TASK], [str(EXAMPLE)], tmp_path / "rows", tmp_path / "runs")
 
 
 def test_agents_are_found_by_search_path(tmp_path, monkeypatch):

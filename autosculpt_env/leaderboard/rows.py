@@ -97,6 +97,7 @@ ROW_FIELDS: dict[str, tuple[str, ...]] = {
     "found_at_evaluation": (_INT,),
     "flops": (_NUM,),
     "track": (_STR,),
+    "search_reward": (_DICT, _NONE),
     "score": (_NUM,),
     "dense_score": (_NUM,),
     "test_accuracy": (_NUM, _NONE),
@@ -110,8 +111,10 @@ ROW_FIELDS: dict[str, tuple[str, ...]] = {
 """Every field of a schema-2 row and the JSON types it may hold; ``_path`` is added by
 :func:`load_rows`. A row with a missing, unknown or mistyped field does not validate.
 
-``score`` is the track's score (test accuracy after fine-tuning, or the fast track's
-high-fidelity reward), ``dense_score`` the dense network's under the same measurement;
+``search_reward`` names the fitted model that gave the search its rewards (the ``proxy``
+evaluation: the mode it stands for and its surrogate file's sha256; ``null`` for measured
+rewards). ``score`` is the track's score (test accuracy after fine-tuning, or the fast
+track's high-fidelity reward), ``dense_score`` the dense network's under the same measurement;
 ``test_accuracy``, ``test_accuracy_before_finetune``, ``dense_test_accuracy`` and the
 fine-tuning fields are ``null`` on a track that does not fine-tune."""
 
@@ -192,11 +195,21 @@ def load_rows(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[di
     return rows
 
 
-def check_folder(rows_dir: Path, protocol: Protocol, schema: int) -> None:
-    """Refuse a rows folder that holds rows of another protocol or row schema."""
+def check_folder(
+    rows_dir: Path, protocol: Protocol, schema: int, search_rewards: dict | None = None
+) -> None:
+    """Refuse a rows folder that holds rows of another protocol or row schema, or (given
+    ``search_rewards``, ``{task name: identity}``) rows searched on another surrogate."""
     if not rows_dir.exists():
         return
     for row in load_rows(rows_dir):
+        if search_rewards and row.get("task") in search_rewards:
+            if row.get("search_reward") != search_rewards[row["task"]]:
+                raise ValueError(
+                    f"{row['_path']} was searched on another surrogate ({row.get('search_reward')}, "
+                    f"this run's is {search_rewards[row['task']]}): rows of different search "
+                    "rewards never share a table; use another --rows-dir"
+                )
         if row.get("protocol_key") != protocol.key():
             raise ValueError(
                 f"{row['_path']} was produced under another protocol "
@@ -482,6 +495,14 @@ def _rederive(row: dict, record: EpisodeRecord, tolerance: float, full: bool) ->
     try:
         base = env.unwrapped
         actions = base.problem.actions_from_names(record.actions)
+        if row.get("schema") == 2:
+            from .run import search_reward_identity
+
+            if (here := search_reward_identity(env)) != row["search_reward"]:
+                errors.append(
+                    f"search_reward {row['search_reward']} != this installation's {here} (the "
+                    "search saw another surrogate)"
+                )
         close("reward_accuracy_measured", float(base.evaluator(actions)))
         if not protocol.finetunes:
             fresh = score_reward(record, protocol.score)

@@ -225,6 +225,16 @@ def check_search(result: Search, task: Task, protocol: Protocol) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- score
+def search_reward_identity(env) -> dict | None:
+    """What decided the rewards a search saw, when a fitted model gave them: for the
+    ``proxy`` evaluation, the mode it stands for and the sha256 of its surrogate file
+    (``None`` for measured rewards, which the record's env keywords already decide)."""
+    identity = getattr(getattr(env.unwrapped, "_reward_evaluator", None), "identity", None)
+    if identity is None:
+        return None
+    return {"mode": identity["mode"], "sha256": identity["sha256"]}
+
+
 _DENSE_TEST: dict[str, float] = {}
 
 
@@ -274,6 +284,7 @@ def score(
         if protocol.evaluation == "accuracy" and abs(measured - m["accuracy"]) > 1e-3:
             raise AgentError(f"record accuracy {m['accuracy']} != measured {measured}")
         out = {
+            "search_reward": search_reward_identity(env),
             "reward_accuracy_measured": measured,
             "test_accuracy": None,
             "test_accuracy_before_finetune": None,
@@ -391,6 +402,7 @@ def make_row(
 
 
 _SCORE_FIELDS = (
+    "search_reward",
     "score",
     "dense_score",
     "reward_accuracy_measured",

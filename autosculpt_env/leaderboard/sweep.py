@@ -92,6 +92,32 @@ def check_writable(folder: str | os.PathLike, what: str, option: str) -> None:
         ) from None
 
 
+def search_rewards(protocol: Protocol, tasks: Sequence[Task]) -> dict | None:
+    """``{task name: surrogate identity}`` when the search reward is a fitted proxy (building
+    each task's env once), else ``None``."""
+    if protocol.evaluation != "proxy":
+        return None
+    import gymnasium as gym
+
+    from .protocol import task_dataset
+    from .run import search_reward_identity
+
+    out = {}
+    for task in tasks:
+        env = gym.make(
+            task.env_id,
+            dataset=task_dataset(task, protocol),
+            evaluation=protocol.evaluation,
+            target_flops_reduction=task.target_flops_reduction,
+            reward_samples=protocol.reward_samples,
+        )
+        try:
+            out[task.name] = search_reward_identity(env)
+        finally:
+            env.close()
+    return out
+
+
 def run_and_write(job: tuple) -> tuple[str, str | None, float, bool]:
     """One row, run and written: ``(row id, error or None, seconds, written)``. Never
     raises: one broken run must not stop the sweep. The unit of work of every backend.
@@ -155,7 +181,7 @@ def run_all(
         locks.enter_context(FolderLock(rows_dir, "rows folder", "--rows-dir"))
         if workdir != rows_dir:
             locks.enter_context(FolderLock(workdir, "work folder", "--work-dir"))
-        check_folder(rows_dir, protocol, ROW_SCHEMA)
+        check_folder(rows_dir, protocol, ROW_SCHEMA, search_rewards(protocol, tasks))
         for stale in rows_dir.glob(".*.tmp"):  # a row being written when a run was killed
             stale.unlink(missing_ok=True)
         for agent in agents:

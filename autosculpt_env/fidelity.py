@@ -565,6 +565,28 @@ def build_policy_set(
 
 
 # ----------------------------------------------------------------------- candidate rewards
+def parse_candidate(spec: str) -> tuple[str, dict]:
+    """A candidate reward: an ``evaluation=`` mode, optionally with env settings,
+    ``"recovery"`` or ``"recovery[recovery_batch_size=128]"``. Returns ``(mode, settings)``."""
+    mode, _, rest = spec.partition("[")
+    settings: dict = {}
+    if rest:
+        if not rest.endswith("]"):
+            raise ValueError(f"candidate {spec!r}: expected MODE or MODE[key=value,...]")
+        for item in filter(None, rest[:-1].split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"candidate {spec!r}: {item!r} is not key=value")
+            settings[key.strip()] = json.loads(value) if value[:1].isdigit() else value
+    return mode, settings
+
+
+def make_candidate_env(task: Task, spec: str):
+    """The task's env evaluating with one candidate reward."""
+    mode, settings = parse_candidate(spec)
+    return make_task_env(task, evaluation=mode, **settings)
+
+
 def rewards_path(root: Path, task: Task, mode: str) -> Path:
     return Path(root) / task_dir_name(task) / "rewards" / f"{mode}.json"
 
@@ -600,10 +622,20 @@ def compute_rewards(
     todo = [p for p in ps.policies if p.key not in d["values"]]
     if not todo:
         return d
-    env = make_task_env(task, evaluation=mode)
+    env = make_candidate_env(task, mode)
     base = env.unwrapped
-    d["env_kwargs"] = base.env_kwargs
     path = rewards_path(root, task, mode)
+    stored = d.get("env_kwargs") or {}
+    differ = {k for k in stored.keys() & base.env_kwargs.keys() if stored[k] != base.env_kwargs[k]}
+    if differ:
+        env.close()
+        raise ValueError(
+            f"{path}: computed with other env settings than {mode!r} has now ("
+            + ", ".join(f"{k}: {stored[k]!r} there, {base.env_kwargs[k]!r} now" for k in sorted(differ))
+            + "); rename it to a candidate that spells its settings, e.g. "
+            f"'{parse_candidate(mode)[0]}[{sorted(differ)[0]}={stored[sorted(differ)[0]]}]', or delete it"
+        )
+    d["env_kwargs"] = base.env_kwargs
     try:
         for n, p in enumerate(tqdm(todo, desc=f"{task.name} {mode}", disable=not progress), 1):
             d["values"][p.key] = float(base.evaluate_policy(p.actions)["accuracy"])
@@ -627,7 +659,7 @@ def measure_cost(
     import torch
 
     torch.set_num_threads(threads)
-    env = make_task_env(task, evaluation=mode)
+    env = make_candidate_env(task, mode)
     base = env.unwrapped
     try:
         for p in PolicySet.load(root, task).policies[:8]:
@@ -749,7 +781,9 @@ MODES_REPORTED: tuple[str, ...] = (
     "accuracy",
     "reconstruction",
     "recovery",
+    "recovery[recovery_batch_size=128]",
     "reconstruction+recovery",
+    "reconstruction+recovery[recovery_batch_size=128]",
     "proxy",
 )
 

@@ -137,7 +137,7 @@ def config_key(
     plain,
     dataset: str,
     mode: str,
-    settings: tuple[int, int, int, int],
+    settings: tuple[int, int, int, int, int],
 ) -> dict:
     """Everything that decides the accuracy a reward mode gives a policy.
 
@@ -148,12 +148,12 @@ def config_key(
         dataset: dataset name.
         mode: the ``evaluation=`` mode the surrogate stands for.
         settings: ``(reward_samples, bn_recalibration_samples, recovery_samples,
-            calibration_samples)``, as the env holds them.
+            calibration_samples, recovery_batch_size)``, as the env holds them.
 
     Returns:
         A JSON-able dict; two configurations with equal dicts score every policy alike.
     """
-    from .finetune import default_recipe
+    from .evaluation import recovery_recipe
 
     h = hashlib.sha256()
     for k, v in sorted(problem.model.state_dict().items()):
@@ -173,7 +173,7 @@ def config_key(
         mode_settings["calibration_samples"] = int(settings[3])
     if "recovery" in mode:
         mode_settings["recovery_samples"] = int(settings[2])
-        mode_settings["recipe"] = default_recipe(dataset).to_dict()
+        mode_settings["recipe"] = recovery_recipe(dataset, settings[4]).to_dict()
     recal = plain.recal_images
     key = {
         "format": KEY_FORMAT,
@@ -206,6 +206,7 @@ def env_key(env) -> tuple[dict, str]:
         kw["bn_recalibration_samples"],
         kw["recovery_samples"],
         kw["calibration_samples"],
+        kw["recovery_batch_size"],
     )
     return config_key(base.problem, base.evaluator, kw["dataset"], mode, settings), mode
 

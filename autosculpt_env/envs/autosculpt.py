@@ -16,6 +16,7 @@ from ..budget import current as reward_budget
 from ..budget import env_within_band
 from ..evaluation import (
     EVALUATIONS,
+    RECOVERY_BATCH_SIZE,
     AccuracyEvaluator,
     ProxyEvaluator,
     ReconstructionEvaluator,
@@ -34,7 +35,7 @@ _SHARED: dict[tuple, tuple] = {}
 
 def _reward_evaluator(evaluation, problem, plain, dataset, data_dir, settings):
     """The evaluator of an ``evaluation=`` mode (the plain one serves ``accuracy``)."""
-    reward_samples, recal, recovery_samples, calibration_samples = settings
+    reward_samples, recal, recovery_samples, calibration_samples, recovery_batch_size = settings
     if evaluation == "accuracy":
         return plain
     if evaluation == "reconstruction":
@@ -50,6 +51,7 @@ def _reward_evaluator(evaluation, problem, plain, dataset, data_dir, settings):
         recovery_samples,
         reconstruction=evaluation == "reconstruction+recovery",
         calibration_samples=calibration_samples,
+        recovery_batch_size=recovery_batch_size,
     )
 
 
@@ -59,7 +61,7 @@ def _shared_problem(model, dataset, data_dir, catalog, settings, evaluation, ign
     Envs of the same configuration (e.g. the copies inside a ``SyncVectorEnv``) share the
     graph, masks, cost table and the policy memos; they are deterministic, so sharing is
     safe. ``settings`` is ``(reward_samples, bn_recalibration_samples, recovery_samples,
-    calibration_samples)``. The proxy is shared per FLOPs target (its surrogate is fitted on
+    calibration_samples, recovery_batch_size)``. The proxy is shared per FLOPs target (its surrogate is fitted on
     the policies episodes at that target play).
     """
     key = None
@@ -177,6 +179,9 @@ class AutoSculptEnv(gym.Env):
       ``reconstruction+recovery`` or ``proxy`` (:data:`autosculpt_env.evaluation.EVALUATIONS`).
     * ``recovery_samples``: training images of the ``recovery`` modes' short fine-tuning,
       default 2048.
+    * ``recovery_batch_size``: batch size of that fine-tuning (one pass, so
+      ``recovery_samples / recovery_batch_size`` SGD steps), default
+      {RECOVERY_BATCH_SIZE}.
     * ``calibration_samples``: training images whose dense activations define the
       ``reconstruction`` refits, default 256.
     * ``band_tolerance``: half-width of the ``band`` reward's target band, default 0.05.
@@ -216,6 +221,7 @@ class AutoSculptEnv(gym.Env):
         ignored_layers: list[str] | None = None,
         recovery_samples: int = 2048,
         calibration_samples: int = 256,
+        recovery_batch_size: int = RECOVERY_BATCH_SIZE,
         render_mode: str | None = None,
     ):
         if render_mode is not None:
@@ -242,6 +248,7 @@ class AutoSculptEnv(gym.Env):
             ("bn_recalibration_samples", bn_recalibration_samples, 0),
             ("recovery_samples", recovery_samples, 1),
             ("calibration_samples", calibration_samples, 1),
+            ("recovery_batch_size", recovery_batch_size, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -286,6 +293,7 @@ class AutoSculptEnv(gym.Env):
             "ignored_layers": None if ignored_layers is None else list(ignored_layers),
             "recovery_samples": int(recovery_samples),
             "calibration_samples": int(calibration_samples),
+            "recovery_batch_size": int(recovery_batch_size),
         }
 
         self.problem, self.evaluator, self._static, self._reward_evaluator = _shared_problem(
@@ -298,6 +306,7 @@ class AutoSculptEnv(gym.Env):
                 int(bn_recalibration_samples),
                 int(recovery_samples),
                 int(calibration_samples),
+                int(recovery_batch_size),
             ),
             evaluation,
             None if ignored_layers is None else tuple(ignored_layers),
@@ -580,6 +589,7 @@ def _document(doc: str) -> str:
             f"* ``{m.env_id}``: ``{m.name}`` ({m.title})" for m in zoo.ZOO.values()
         ),
         "{ENV_DEFAULTS}": ", ".join(f"``{k}={v!r}``" for k, v in ENV_DEFAULTS.items()),
+        "{RECOVERY_BATCH_SIZE}": str(RECOVERY_BATCH_SIZE),
     }
     for key, text in parts.items():
         doc = doc.replace(key, text)

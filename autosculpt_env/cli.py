@@ -21,7 +21,7 @@ import sys
 import torch
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (``--threads 0`` would fail deep inside torch)."""
     try:
         value = int(text)
@@ -44,7 +44,7 @@ def _fraction(text: str) -> float:
 
 
 def _threads_option(parser: argparse.ArgumentParser, default: int | None = 1) -> None:
-    parser.add_argument("--threads", type=_positive_int, default=default, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=default, help="torch CPU threads")
 
 
 def _tolerance_option(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..cli import positive_int
 from .agents import AGENTS
 from .protocol import TASKS, TRACKS, Task, make_protocol
 
@@ -39,16 +40,6 @@ def default_work_dir(track: str) -> str:
 def default_render_dirs() -> list[str]:
     """Every rows folder of the committed leaderboard: the tracks', then the first one's."""
     return [default_rows_dir(t) for t in TRACKS] + [FIRST_ROWS_DIR]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     proto.add_argument("--seeds", nargs="+", type=int, default=None, help="agent seeds")
     proto.add_argument(
-        "--budget", type=_positive_int, default=None, help="reward evaluations per search"
+        "--budget", type=positive_int, default=None, help="reward evaluations per search"
     )
     proto.add_argument(
         "--dataset", default=None, help="override every task's dataset (digits: a fast twin)"
@@ -101,8 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--agents-dir", nargs="+", default=[], help="folders searched for NAME.py agents"
     )
-    run.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads per run")
-    run.add_argument("--jobs", type=_positive_int, default=1, help="runs at a time (local backend)")
+    run.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads per run")
+    run.add_argument("--jobs", type=positive_int, default=1, help="runs at a time (local backend)")
     run.add_argument(
         "--backend", default="local", choices=list(BACKENDS), help="local process pool or Ray"
     )

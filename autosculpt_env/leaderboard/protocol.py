@@ -384,6 +384,29 @@ def task_env_kwargs(task: Task, protocol: Protocol) -> dict:
     return kwargs
 
 
+def flops_problems(
+    protocol: Protocol, reward: str, target: float, flops_reduction: float
+) -> list[str]:
+    """Why a best policy's FLOPs reduction cannot be compared at the target (empty: it can).
+
+    With the ``budget`` reward it must meet the target; with a protocol band it must lie in
+    ``[target, target + band]`` (rows are compared at equal FLOPs).
+    """
+    from ..budget import within_band
+
+    problems = []
+    if reward == "budget" and flops_reduction < target - 1e-12:
+        problems.append(f"FLOPs reduction {flops_reduction:.4f} misses the target {target}")
+    if protocol.flops_band is not None and not within_band(
+        flops_reduction, target, protocol.flops_band
+    ):
+        problems.append(
+            f"FLOPs reduction {flops_reduction:.4f} is outside the band [{target:g}, "
+            f"{target + protocol.flops_band:g}]: rows are compared at equal FLOPs"
+        )
+    return problems
+
+
 def env_kwargs_problems(record_kwargs: dict, expected: dict) -> list[str]:
     """Keywords of a record's env that differ from the task's (keys the record lacks are an
     older env's and left alone)."""

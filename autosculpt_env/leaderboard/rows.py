@@ -22,12 +22,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .. import data
-from ..budget import within_band
 from ..records import EpisodeRecord, atomic_write_text, check_env_id, make_env, replay
 from .protocol import (
     Protocol,
     Task,
     env_kwargs_problems,
+    flops_problems,
     row_id,
     task_dataset,
     task_env_kwargs,
@@ -351,16 +351,9 @@ def _row_against_record(row: dict, record: EpisodeRecord) -> list[str]:
     if used is not None and not (found or 0) <= used <= budget:
         errors.append(f"{used} reward evaluations, best found at {found}, budget {budget}")
     # equal FLOPs
-    target = kw.get("target_flops_reduction")
-    if kw.get("reward", "budget") == "budget" and m["flops_reduction"] < target - 1e-12:
-        errors.append(f"FLOPs reduction {m['flops_reduction']:.4f} misses target {target}")
-    if protocol.flops_band is not None and not within_band(
-        m["flops_reduction"], target, protocol.flops_band
-    ):
-        errors.append(
-            f"FLOPs reduction {m['flops_reduction']:.4f} is outside its protocol's band "
-            f"[{target}, {target + protocol.flops_band:g}]"
-        )
+    errors += flops_problems(
+        protocol, kw.get("reward", "budget"), kw.get("target_flops_reduction"), m["flops_reduction"]
+    )
     # the command that ran the search
     cmd = row["command"]
     for flag, value in (

@@ -28,10 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__, data
-from ..budget import LEDGER_ENV, MAX_ENV, read_ledger, within_band
+from ..budget import LEDGER_ENV, MAX_ENV, read_ledger
 from ..records import EpisodeRecord, make_env
 from .agents import AgentProgram, agent_command, find_agent
-from .protocol import Protocol, Task, env_kwargs_problems, row_id, task_dataset, task_env_kwargs
+from .protocol import (
+    Protocol,
+    Task,
+    env_kwargs_problems,
+    flops_problems,
+    row_id,
+    task_dataset,
+    task_env_kwargs,
+)
 
 ROW_SCHEMA = 2
 """The row format this harness writes (rows of schema 1, the first leaderboard's, are still
@@ -205,16 +213,9 @@ def check_search(result: Search, task: Task, protocol: Protocol) -> list[str]:
             f"{stamp['limit']}; the env's ledger says {result.reward_evaluations} of {protocol.budget}"
         )
     # equal FLOPs
-    target = task.target_flops_reduction
-    if kw.get("reward", "budget") == "budget" and m["flops_reduction"] < target - 1e-12:
-        problems.append(f"FLOPs reduction {m['flops_reduction']:.4f} misses the target {target}")
-    if protocol.flops_band is not None and not within_band(
-        m["flops_reduction"], target, protocol.flops_band
-    ):
-        problems.append(
-            f"FLOPs reduction {m['flops_reduction']:.4f} is outside the band [{target:g}, "
-            f"{target + protocol.flops_band:g}]: rows are compared at equal FLOPs"
-        )
+    problems += flops_problems(
+        protocol, kw.get("reward", "budget"), task.target_flops_reduction, m["flops_reduction"]
+    )
     # the answer is a reward the env handed out (the replay checks the numbers themselves)
     if result.progress and m["reward"] > max(p[1] for p in result.progress) + 1e-6:
         problems.append(

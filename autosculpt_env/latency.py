@@ -4,7 +4,10 @@ FLOPs say how much work a policy removes; latency says how much time. :func:`lat
 times every prunable layer under every valid action *as materialised*
 (:mod:`autosculpt_env.materialize`: removed output channels cut, row/column patterns as a
 few dense convolutions, other sparsity kept as zeros) on an input of the layer's shape, and
-the dense network end to end. A policy's predicted latency is additive, like its FLOPs::
+the dense network end to end, in torch on the CPU with a fixed thread count
+(:data:`LATENCY_THREADS`) at a fixed batch size (:data:`LATENCY_BATCH_SIZE` unless asked
+otherwise), keeping the median of :data:`LATENCY_REPEATS` runs. A policy's predicted latency
+is additive, like its FLOPs::
 
     latency(policy) = fixed + sum_l table[l, a_l]
     fixed           = dense network latency - sum_l table[l, dense]
@@ -14,31 +17,33 @@ classifier, attention matmuls, framework overhead). What the table leaves out: t
 channels a layer loses when its producer's channels are cut (the FLOPs table's dead-channel
 corrections), runtime permutations and the cheaper norms of a cut network; how well the sum
 predicts the measured end-to-end latency of materialised networks is reported by
-``benchmarks/latency.py``.
+``python benchmarks/latency.py --table``.
 
-The table depends on the machine, torch version, thread count and batch size; it is cached
-under ``$AUTOSCULPT_CACHE/latency/<key>.json`` with a key over all of them and the weights
-(masks depend on the weights), like the proxy sensitivity table.
+The env uses the table when asked (``AutoSculptEnv(..., target_latency_reduction=...)`` or
+``latency_batch_size=...``): ``info["latency_reduction"]`` at the end of an episode, and a
+latency target for the rewards (:data:`autosculpt_env.rewards.LATENCY_TARGET`).
 
-Wiring into the env (not done here): ``AutoSculptEnv(..., target_latency_reduction=None,
-latency_batch_size=256)`` would build ``self.latency = latency_table(self.problem,
-batch_size=latency_batch_size)`` when either latency option is set, add
-``info["latency_reduction"] = self.latency.latency_reduction(policy)`` (and ``latency_s``) to
-the terminal info, and with ``target_latency_reduction`` mask actions whose cheapest
-completion misses the latency target, using :meth:`LatencyTable.min_latency_from` the way
-the FLOPs target's action wall uses ``CostTable.min_flops_from``.
+**Cache.** The table depends on the machine, so it is measured once per machine and kept
+under ``$AUTOSCULPT_CACHE/latency/<key>.json``. The key covers everything that decides the
+entries: every valid (layer, action) keep-mask, the layers' shapes and hyper-parameters, the
+input shape, the batch size, thread count and repeats, the torch version and the machine
+(``platform.processor()``, the CPU model, architecture and core count). Files are written
+atomically; a file that does not parse or does not match its key is reported with a warning
+naming it and measured again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +60,19 @@ from .materialize import (
     _removed_rows,
 )
 
-LATENCY_VERSION = 1
+LATENCY_VERSION = 2
+"""Version of the table's measurement and file layout (part of the cache key)."""
+LATENCY_BATCH_SIZE = 256
+"""The batch every entry is timed at unless asked otherwise: large enough that the time is
+spent in the layers rather than in per-call overhead (batch 1 is overhead-bound on CPU)."""
+LATENCY_THREADS = 1
+"""torch CPU threads while timing: one, so that entries do not depend on what else runs on
+the machine's other cores and agree between processes of a sweep."""
+LATENCY_REPEATS = 10
+"""Timed runs per entry; the median is kept."""
+MIN_PART = 8
+"""``min_part`` of the materialised pattern layers that are timed (as in
+:func:`autosculpt_env.materialize.materialize`)."""
 
 
 def median_latency(
@@ -76,9 +93,11 @@ def median_latency(
     return statistics.median(times)
 
 
-def machine() -> dict:
-    """What decides a latency measurement besides the network."""
-    cpu = platform.processor()
+def machine(threads: int | None = None) -> dict:
+    """What decides a latency measurement besides the network: the processor
+    (``platform.processor()`` and the CPU model from ``/proc/cpuinfo``), architecture, core
+    count, torch version and the thread count (default: torch's current one)."""
+    cpu = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -87,11 +106,12 @@ def machine() -> dict:
     except OSError:
         pass
     return {
-        "cpu": cpu,
+        "processor": platform.processor(),
+        "cpu": cpu or platform.processor(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads() if threads is None else int(threads),
     }
 
 
@@ -107,6 +127,7 @@ class LatencyTable:
         fixed: ``dense_latency`` minus the layers' dense entries.
         batch_size: the batch the entries were timed at.
         machine: :func:`machine` at measurement time.
+        key: the cache key (what the table was measured for; records name it).
     """
 
     layers: list[str]
@@ -116,12 +137,15 @@ class LatencyTable:
     fixed: float
     batch_size: int
     machine: dict
+    key: str = ""
 
     def policy_latency(self, actions: Sequence[int]) -> float:
         """Predicted latency of a full policy (seconds per batch)."""
         acts = np.asarray([int(a) for a in actions], dtype=np.int64)
         if len(acts) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} actions, got {len(acts)}")
+        if acts.size and (acts.min() < 0 or acts.max() >= len(self.action_names)):
+            raise ValueError(f"actions must be in 0..{len(self.action_names) - 1}, got {acts}")
         values = self.latency[np.arange(len(acts)), acts]
         if np.isnan(values).any():
             bad = int(np.flatnonzero(np.isnan(values))[0])
@@ -145,16 +169,46 @@ class LatencyTable:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> LatencyTable:
-        d = dict(d)
-        d["latency"] = np.array(
-            [[np.nan if v is None else float(v) for v in row] for row in d["latency"]],
-            dtype=np.float64,
-        )
-        table = cls(**d)
+    def from_dict(cls, d) -> LatencyTable:
+        """A table from its JSON object, every field's type and the table's shape checked.
+
+        Raises:
+            ValueError: naming the first field that is missing, unknown or malformed.
+        """
+        names = [f.name for f in fields(cls)]
+        if not isinstance(d, dict):
+            raise ValueError(f"a JSON object expected, got {type(d).__name__}")
+        if set(d) != set(names):
+            raise ValueError(f"fields {sorted(d)}, expected {sorted(names)}")
+        for key in ("layers", "action_names"):
+            if not isinstance(d[key], list) or not all(isinstance(x, str) for x in d[key]):
+                raise ValueError(f"{key} must be a list of names")
+        rows = d["latency"]
+        if not isinstance(rows, list) or not all(
+            isinstance(row, list)
+            and len(row) == len(d["action_names"])
+            and all(v is None or _finite(v) for v in row)
+            for row in rows
+        ):
+            raise ValueError("latency must be rows of numbers or null, one per action")
+        for key in ("dense_latency", "fixed"):
+            if not _finite(d[key]):
+                raise ValueError(f"{key} must be a finite number, got {d[key]!r}")
+        if isinstance(d["batch_size"], bool) or not isinstance(d["batch_size"], int):
+            raise ValueError(f"batch_size must be an integer, got {d['batch_size']!r}")
+        if not isinstance(d["machine"], dict) or not isinstance(d["key"], str):
+            raise ValueError("machine must be an object and key a string")
+        latency = np.array(
+            [[np.nan if v is None else float(v) for v in row] for row in rows], dtype=np.float64
+        ).reshape(len(rows), len(d["action_names"]))
+        table = cls(**{**d, "latency": latency})
         if table.latency.shape != (len(table.layers), len(table.action_names)):
             raise ValueError("latency table shape does not match its layers and actions")
         return table
+
+
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def layer_module(module: nn.Module, mask: torch.Tensor) -> tuple[nn.Module | None, int]:
@@ -200,7 +254,7 @@ def layer_module(module: nn.Module, mask: torch.Tensor) -> tuple[nn.Module | Non
     if isinstance(out, nn.Conv2d) and out.groups == 1:
         blocks = _pattern_plan(out, m)
         if blocks is not None and any(b not in (None, (0, 0, 3, 3)) for b in blocks):
-            keys = _part_keys(blocks, 8)
+            keys = _part_keys(blocks, MIN_PART)
             _, perm = _part_order(keys)
             with torch.no_grad():
                 out.weight.data = out.weight.data[perm]
@@ -210,49 +264,137 @@ def layer_module(module: nn.Module, mask: torch.Tensor) -> tuple[nn.Module | Non
     return out.eval(), in_ch
 
 
-def _key(problem, batch_size: int, info: dict) -> str:
+def table_key(problem, batch_size: int, repeats: int, info: dict) -> str:
+    """The cache key of a problem's latency table: a hash of every valid (layer, action)
+    mask, the layers' shapes and hyper-parameters, the input shape, the batch size, repeats,
+    the version and :func:`machine`."""
     h = hashlib.sha256()
-    for k, v in sorted(problem.model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
+    layers = []
+    for i, layer in enumerate(problem.layers):
+        module = layer.module
+        layers.append(
+            {
+                "name": layer.name,
+                "module": repr(module),
+                "weight": list(module.weight.shape),
+                "in_shape": list(problem.graph.node(layer.name).in_shape or ()),
+            }
+        )
+        for a in np.flatnonzero(problem.valid[i]):
+            mask = problem.mask(i, int(a)).detach().cpu().numpy().astype(bool)
+            h.update(f"{i}:{int(a)}:".encode())
+            h.update(np.packbits(mask).tobytes())
     meta = {
         "version": LATENCY_VERSION,
-        "catalog": problem.catalog.name,
         "actions": problem.catalog.action_names,
-        "layers": [layer.name for layer in problem.layers],
+        "layers": layers,
         "input": list(problem.example_inputs.shape[1:]),
-        "batch_size": batch_size,
+        "model": repr(problem.model),
+        "batch_size": int(batch_size),
+        "repeats": int(repeats),
+        "min_part": MIN_PART,
         "machine": info,
     }
     h.update(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()[:20]
 
 
+def _check_loaded(table: LatencyTable, problem, batch_size: int, info: dict, key: str) -> None:
+    """Why a cached table is not the one asked for, as a ``ValueError``."""
+    if table.key != key:
+        raise ValueError(f"its key is {table.key!r}, the file name says {key!r}")
+    if table.layers != [layer.name for layer in problem.layers]:
+        raise ValueError("its layers are not the network's")
+    if table.action_names != problem.catalog.action_names:
+        raise ValueError("its actions are not the catalog's")
+    if table.batch_size != batch_size or table.machine != info:
+        raise ValueError("it was measured at another batch size or on another machine")
+    if not np.array_equal(np.isnan(table.latency), ~problem.valid):
+        raise ValueError("its entries are not exactly the valid (layer, action) pairs")
+    if (table.latency[problem.valid] < 0).any() or not table.dense_latency > 0:
+        raise ValueError("it holds negative or zero times")
+    dense = float(table.latency[:, problem.dense_action].sum())
+    if not math.isclose(table.fixed, table.dense_latency - dense, rel_tol=1e-9, abs_tol=1e-12):
+        raise ValueError("fixed is not the dense latency minus the layers' dense entries")
+
+
+_MEMO: dict[str, LatencyTable] = {}
+"""Tables this process measured or read, by cache file (envs of one configuration share one)."""
+
+
 def latency_table(
     problem,
-    batch_size: int = 256,
-    repeats: int = 10,
+    batch_size: int = LATENCY_BATCH_SIZE,
+    repeats: int = LATENCY_REPEATS,
+    threads: int = LATENCY_THREADS,
     cache: bool = True,
+    progress: bool | None = None,
 ) -> LatencyTable:
     """Measure (or load from the cache) the latency table of a pruning problem.
 
-    Timing uses the current ``torch.get_num_threads()``; fix it before calling.
+    Timing sets torch to ``threads`` threads and restores the caller's count afterwards. A
+    table measured in this process, or found in the cache, is not measured again.
 
     Args:
         problem: a :class:`~autosculpt_env.problem.PruningProblem` (``env.unwrapped.problem``).
         batch_size: the batch every entry is timed at.
         repeats: timed runs per entry (the median is kept).
+        threads: torch CPU threads while timing.
         cache: read and write ``$AUTOSCULPT_CACHE/latency/<key>.json``.
+        progress: a progress bar over the layers while timing (default: on a terminal).
+
+    Raises:
+        ValueError: ``batch_size``, ``repeats`` or ``threads`` is not a positive integer.
     """
-    info = machine()
-    path = zoo.cache_dir() / "latency" / f"{_key(problem, batch_size, info)}.json"
+    for name, value in (("batch_size", batch_size), ("repeats", repeats), ("threads", threads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    info = machine(threads)
+    key = table_key(problem, batch_size, repeats, info)
+    path = zoo.cache_dir() / "latency" / f"{key}.json"
+    if cache and str(path) in _MEMO:
+        return _MEMO[str(path)]
     if cache and path.exists():
-        return LatencyTable.from_dict(json.loads(path.read_text()))
+        try:
+            table = LatencyTable.from_dict(json.loads(path.read_text()))
+            _check_loaded(table, problem, batch_size, info, key)
+            _MEMO[str(path)] = table
+            return table
+        except (ValueError, OSError, UnicodeDecodeError, RecursionError) as e:
+            warnings.warn(
+                f"latency table {path} is damaged ({' '.join(str(e).split())}); measuring it "
+                "again and replacing the file",
+                stacklevel=2,
+            )
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        table = _measure(problem, batch_size, repeats, progress)
+    finally:
+        torch.set_num_threads(caller_threads)
+    table.machine, table.key = info, key
+    if cache:
+        from .records import atomic_write_text
+
+        atomic_write_text(path, json.dumps(table.to_dict()) + "\n")
+        _MEMO[str(path)] = table
+    return table
+
+
+def _measure(problem, batch_size: int, repeats: int, progress: bool | None) -> LatencyTable:
+    from tqdm.auto import tqdm
+
     graph = problem.graph
     shape = problem.example_inputs.shape[1:]
     dense = median_latency(problem.model, torch.randn(batch_size, *shape), repeats)
     table = np.full((problem.num_layers, problem.num_actions), np.nan)
-    for i, layer in enumerate(problem.layers):
+    bar = tqdm(
+        problem.layers,
+        desc=f"latency table (batch {batch_size})",
+        unit="layer",
+        disable=None if progress is None else not progress,
+    )
+    for i, layer in enumerate(bar):
         in_shape = graph.node(layer.name).in_shape
         assert in_shape is not None
         for a in np.flatnonzero(problem.valid[i]):
@@ -267,18 +409,12 @@ def latency_table(
                 s[0] = in_ch
             table[i, a] = median_latency(mod, torch.randn(batch_size, *s), repeats)
     fixed = dense - float(table[:, problem.dense_action].sum())
-    result = LatencyTable(
+    return LatencyTable(
         layers=[layer.name for layer in problem.layers],
         action_names=problem.catalog.action_names,
         latency=table,
         dense_latency=dense,
         fixed=fixed,
         batch_size=batch_size,
-        machine=info,
+        machine={},
     )
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result.to_dict()) + "\n")
-        tmp.replace(path)
-    return result

@@ -34,6 +34,10 @@ METRICS = (
     "reward",
 )
 
+#: metrics a record may add (from envs that measure them): the predicted latency reduction of
+#: an env with a latency table (:mod:`autosculpt_env.latency`)
+OPTIONAL_METRICS = ("latency_reduction",)
+
 #: metrics derived from the actions alone (the cost table and the masks): checked to
 #: :data:`EXACT_TOLERANCE` wherever a record becomes an env
 COST_METRICS = ("flops", "params", "flops_reduction", "params_reduction", "pruning_rate")
@@ -48,6 +52,7 @@ _FIELDS = (
     "version",
     "extra",
     "reward_evaluations",
+    "latency_table",
 )
 _REQUIRED = ("env_id", "env_kwargs", "layers", "actions", "metrics")
 
@@ -162,8 +167,8 @@ def _check_fields(d) -> None:
     m = d["metrics"]
     if not isinstance(m, dict):
         raise ValueError(f"metrics must be an object, got {type(m).__name__}")
-    _check_keys(m, METRICS, METRICS, "metrics")
-    for k in METRICS:
+    _check_keys(m, METRICS, METRICS + OPTIONAL_METRICS, "metrics")
+    for k in METRICS + tuple(k for k in OPTIONAL_METRICS if k in m):
         if not _is_number(m[k]) or not math.isfinite(m[k]):
             raise ValueError(f"metrics[{k!r}] must be a finite number, got {m[k]!r}")
     if not isinstance(d.get("version", ""), str):
@@ -172,6 +177,15 @@ def _check_fields(d) -> None:
     if not isinstance(extra, dict) or not _is_json_value(extra):
         raise ValueError("extra must be an object of plain JSON values")
     _check_budget_stamp(d.get("reward_evaluations"))
+    table = d.get("latency_table")
+    if table is not None and not (
+        isinstance(table, str)
+        and 0 < len(table) <= 64
+        and all(c in "0123456789abcdef" for c in table)
+    ):
+        raise ValueError(f"latency_table must be a latency table's key (hex digits), got {table!r}")
+    if ("latency_reduction" in m) != (table is not None):
+        raise ValueError("metrics latency_reduction and latency_table come together")
 
 
 def _is_count(v, low: int = 1) -> bool:
@@ -210,6 +224,10 @@ class EpisodeRecord:
         reward_evaluations: written by the env (:mod:`autosculpt_env.budget`): the count of
             reward evaluations at which this episode was scored and the budget's limit,
             ``{"used": n, "limit": L}`` (``None`` in records made before the env kept it).
+        latency_table: the key of the latency table that gave ``metrics["latency_reduction"]``
+            (:func:`autosculpt_env.latency.table_key`; ``None`` without one). The table is
+            measured per machine, so a replay compares that metric only against the same
+            table.
     """
 
     env_id: str
@@ -220,11 +238,13 @@ class EpisodeRecord:
     version: str = __version__
     extra: dict = field(default_factory=dict)
     reward_evaluations: dict | None = None
+    latency_table: str | None = None
 
     def to_json(self) -> str:
         d = asdict(self)
-        if d["reward_evaluations"] is None:  # older records round-trip unchanged
-            del d["reward_evaluations"]
+        for key in ("reward_evaluations", "latency_table"):
+            if d[key] is None:  # older records round-trip unchanged
+                del d[key]
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
@@ -415,6 +435,8 @@ def reward_function(base):
             base.target,
             base.band_tolerance,
             base.tradeoff_lambda,
+            info.get("latency_reduction"),
+            getattr(base, "target_latency", None),
         )
 
     return reward_of
@@ -447,13 +469,34 @@ def replay(record: EpisodeRecord, accuracy_tolerance: float = 1e-3, **overrides)
             _, _, terminated, _, info = env.step(a)
         if not terminated:
             raise ValueError("the replayed episode did not end after one action per layer")
-        reward_of = reward_function(base)(info)
+        errors = _compare_latency(record, base, info)
+        measured = info
+        if "latency_reduction" in record.metrics and record.latency_table != base.latency.key:
+            # another machine's table: the reward is checked at the recorded latency
+            measured = {**info, "latency_reduction": record.metrics["latency_reduction"]}
+            measured["reward"] = reward_function(base)(measured)(info["accuracy"])
+        reward_of = reward_function(base)(measured)
     finally:
         env.close()
-    errors = compare_metrics(record.metrics, info, accuracy_tolerance, reward_of=reward_of)
+    errors += compare_metrics(record.metrics, measured, accuracy_tolerance, reward_of=reward_of)
     if errors:
         raise _named(record, ValueError("replay disagrees with the record: " + "; ".join(errors)))
     return info
+
+
+def _compare_latency(record: EpisodeRecord, base, info: dict) -> list[str]:
+    """The recorded latency reduction against the replay's, when both come from one table
+    (a table measured on another machine predicts other times: not compared)."""
+    if "latency_reduction" not in record.metrics:
+        return []
+    if getattr(base, "latency", None) is None:
+        return ["the record has a latency_reduction but its env measures no latency"]
+    if record.latency_table != base.latency.key:
+        return []
+    rec, got = record.metrics["latency_reduction"], info["latency_reduction"]
+    if not abs(got - rec) <= EXACT_TOLERANCE:
+        return [f"latency_reduction: recorded {rec}, replayed {got} (same table)"]
+    return []
 
 
 def check_fits_layers(record: EpisodeRecord, base) -> list[int]:

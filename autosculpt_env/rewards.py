@@ -69,6 +69,20 @@ def check_reward(name: str) -> str:
     return name
 
 
+LATENCY_TARGET = (
+    "With ``target_latency_reduction`` (``t_lat``; ``lat`` = the predicted latency reduction, "
+    "``1 - latency(pruned) / latency(dense)`` from the measured per-(layer, action) table, "
+    ":mod:`autosculpt_env.latency`) the latency is budgeted next to the FLOPs: under "
+    "``budget`` an action is valid only when one of a few fixed completions of the policy "
+    "(every later layer its fastest action, its fewest-FLOPs action, or a blend of the two) "
+    "meets both targets, so every episode meets r >= target and lat >= t_lat and no step is "
+    "left without a valid action (a sufficient check: it may mask an action that some other "
+    "completion would allow); under ``band`` the reward is acc only when lat is also within "
+    "``band_tolerance`` of t_lat. ``log_flops`` and ``tradeoff`` do not use it."
+)
+"""How a latency target enters the rewards (the env's docstring shows it)."""
+
+
 def terminal_reward(
     name: str,
     accuracy: float,
@@ -77,12 +91,20 @@ def terminal_reward(
     target: float,
     tolerance: float = 0.05,
     tradeoff_lambda: float = 1.0,
+    latency_reduction: float | None = None,
+    latency_target: float | None = None,
 ) -> float:
-    """The terminal reward of ``name`` (formulas in :data:`REWARDS`)."""
+    """The terminal reward of ``name`` (formulas in :data:`REWARDS`; a latency target as in
+    :data:`LATENCY_TARGET`)."""
     if name == "budget":
         return accuracy
     if name == "band":
-        return accuracy if abs(flops_reduction - target) <= tolerance else accuracy - 1.0
+        inside = abs(flops_reduction - target) <= tolerance
+        if latency_target is not None:
+            if latency_reduction is None:
+                raise ValueError("a latency target needs the policy's latency_reduction")
+            inside = inside and abs(latency_reduction - latency_target) <= tolerance
+        return accuracy if inside else accuracy - 1.0
     if name == "log_flops":
         return -(1.0 - accuracy) * math.log(max(pruned_flops, 1.0))
     if name == "tradeoff":

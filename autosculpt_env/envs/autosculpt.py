@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import textwrap
 from collections.abc import Sequence
 
 import gymnasium as gym
@@ -26,7 +27,7 @@ from ..features import FeatureLayout, static_features
 from ..graph import EDGE_TYPES
 from ..patterns import Catalog, get_catalog, register_catalog
 from ..problem import PruningProblem, action_index
-from ..records import METRICS, EpisodeRecord
+from ..records import METRICS, OPTIONAL_METRICS, EpisodeRecord
 from ..rewards import check_reward, terminal_reward
 from ..surrogate import proxied_mode
 
@@ -136,6 +137,8 @@ class AutoSculptEnv(gym.Env):
 
     {REWARDS}
 
+    {LATENCY_TARGET}
+
     Accuracy is top-1 on the first ``reward_samples`` images of the ``reward`` split after
     batch-norm recalibration (``evaluation="accuracy"``), after a least-squares refit of the
     kept weights (``"reconstruction"``), after a short masked fine-tuning (``"recovery"``,
@@ -159,7 +162,12 @@ class AutoSculptEnv(gym.Env):
     every finished episode and ``evaluate_policy`` call counts one, and one past the
     budget's limit raises ``BudgetExhausted`` before anything is scored);
     ``env.unwrapped.episode_record()`` returns a replayable
-    :class:`~autosculpt_env.records.EpisodeRecord`, stamped with that count.
+    :class:`~autosculpt_env.records.EpisodeRecord`, stamped with that count. With a
+    latency table (``target_latency_reduction`` or ``latency_batch_size`` given) it also
+    adds ``latency_reduction``, ``1 - latency(pruned) / latency(dense)`` predicted by the
+    table (:mod:`autosculpt_env.latency`): deterministic given the table, but the table is
+    measured on this machine, so the value is platform dependent (the record names the
+    table it came from, and replays compare it only against the same table).
 
     ## Arguments
 
@@ -189,6 +197,13 @@ class AutoSculptEnv(gym.Env):
     * ``ignored_layers``: layer names kept dense and out of the episode (Torch-Pruning's
       ``ignored_layers``); default ``None`` ignores the classifier (the layers feeding the
       output), whose pruned rows would delete classes.
+    * ``target_latency_reduction``: a latency target in (0, 1) for the rewards (see
+      Rewards), default ``None`` (no latency target).
+    * ``latency_batch_size``: the batch at which the per-(layer, action) latency table is
+      timed (torch, {LATENCY_THREADS} CPU thread, materialised layers; measured once per
+      machine and cached under ``$AUTOSCULPT_CACHE/latency``), default ``None``: no table
+      unless a latency target is given, then {LATENCY_BATCH_SIZE}. Giving it alone adds
+      ``latency_reduction`` to the terminal info without budgeting it.
 
     ## Registered Configurations
 
@@ -222,6 +237,8 @@ class AutoSculptEnv(gym.Env):
         recovery_samples: int = 2048,
         calibration_samples: int = 256,
         recovery_batch_size: int = RECOVERY_BATCH_SIZE,
+        target_latency_reduction: float | None = None,
+        latency_batch_size: int | None = None,
         render_mode: str | None = None,
     ):
         if render_mode is not None:
@@ -255,6 +272,24 @@ class AutoSculptEnv(gym.Env):
         if evaluation not in EVALUATIONS:
             raise ValueError(
                 f"unknown evaluation {evaluation!r}; choose one of {', '.join(EVALUATIONS)}"
+            )
+        if target_latency_reduction is not None and (
+            isinstance(target_latency_reduction, bool)
+            or not isinstance(target_latency_reduction, numbers.Real)
+            or not 0.0 < float(target_latency_reduction) < 1.0
+        ):
+            raise ValueError(
+                "target_latency_reduction must be None (no latency target) or a float in "
+                f"(0, 1), got {target_latency_reduction!r}"
+            )
+        if latency_batch_size is not None and (
+            isinstance(latency_batch_size, bool)
+            or not isinstance(latency_batch_size, numbers.Integral)
+            or latency_batch_size < 1
+        ):
+            raise ValueError(
+                "latency_batch_size must be None (no latency table unless a latency target is "
+                f"given) or an integer >= 1, got {latency_batch_size!r}"
             )
         self.target = float(target_flops_reduction)
         for name, value in (
@@ -295,6 +330,12 @@ class AutoSculptEnv(gym.Env):
             "calibration_samples": int(calibration_samples),
             "recovery_batch_size": int(recovery_batch_size),
         }
+        # the latency keywords are written only when given, so records of envs without them
+        # stay as they were
+        if target_latency_reduction is not None:
+            self._init_kwargs["target_latency_reduction"] = float(target_latency_reduction)
+        if latency_batch_size is not None:
+            self._init_kwargs["latency_batch_size"] = int(latency_batch_size)
 
         self.problem, self.evaluator, self._static, self._reward_evaluator = _shared_problem(
             model,
@@ -337,6 +378,12 @@ class AutoSculptEnv(gym.Env):
                     f"with catalog {p.catalog.name!r}: at most {1.0 - least / self.dense_flops:.3f} "
                     "of the FLOPs can be removed"
                 )
+        self.target_latency: float | None = (
+            None if target_latency_reduction is None else float(target_latency_reduction)
+        )
+        self.latency = None
+        if self.target_latency is not None or latency_batch_size is not None:
+            self._setup_latency(latency_batch_size)
         self._action_names = tuple(p.catalog.action_names)
         self._sparsity = np.asarray([a.sparsity for a in p.catalog.actions], dtype=np.float32)
         self.num_reward_evaluations = 0
@@ -365,8 +412,63 @@ class AutoSculptEnv(gym.Env):
         """The action mask of the layer after the ``decided`` ones."""
         valid = self.problem.valid[len(decided)].copy()
         if self.reward_name == "budget":
-            valid &= self.problem.cost.min_flops_next(decided) <= self._max_flops
+            if self.target_latency is None:
+                valid &= self.problem.cost.min_flops_next(decided) <= self._max_flops
+            else:
+                valid &= self._completion_wall(decided)
         return valid
+
+    def _setup_latency(self, batch_size: int | None) -> None:
+        """The latency table, and with a latency target its completions (the action wall of
+        :data:`autosculpt_env.rewards.LATENCY_TARGET`)."""
+        from ..latency import LATENCY_BATCH_SIZE, latency_table
+
+        p = self.problem
+        self.latency = latency_table(
+            p, batch_size=LATENCY_BATCH_SIZE if batch_size is None else int(batch_size)
+        )
+        if self.target_latency is None:
+            return
+        table = self.latency
+        self._max_latency = (1.0 - self.target_latency) * table.dense_latency * (1 + 1e-12)
+        flops = p.cost.flops / self.dense_flops
+        lat = table.latency / table.dense_latency
+        # fixed per-layer completions: a policy that one of them completes within both
+        # targets keeps a valid action at every later step (the completion's own)
+        rules = [
+            np.argmin(np.where(p.valid, w * flops + (1.0 - w) * lat, np.inf), axis=1)
+            for w in (0.0, 0.25, 0.5, 0.75, 1.0)
+        ]
+        self._completions = np.unique(np.stack(rules), axis=0)
+        if self.reward_name == "budget" and not self._completion_wall([]).any():
+            fastest = table.latency_reduction(rules[0])
+            raise ValueError(
+                f"target_latency_reduction={self.target_latency} together with "
+                f"target_flops_reduction={self.target} cannot be reached on {p.model_name} "
+                f"(batch {table.batch_size}): the fastest policy's predicted latency reduction "
+                f"is {fastest:.3f}; lower either target"
+            )
+
+    def _completion_wall(self, decided: Sequence[int]) -> np.ndarray:
+        """Actions of the next layer that some fixed completion takes within both targets."""
+        p, cost, table = self.problem, self.problem.cost, self.latency
+        k = len(decided)
+        cand = np.flatnonzero(p.valid[k])
+        ok = np.zeros(self.num_actions, dtype=bool)
+        rows = np.flatnonzero(np.arange(self.num_layers) != k)
+        for rule in self._completions:
+            acts = np.concatenate([np.asarray(decided, dtype=np.int64), rule[k:]])
+            flops = cost.fixed_flops + cost.flops[rows, acts[rows]].sum() + cost.flops[k, cand]
+            for (i, m), dead in cost.dead.items():
+                if i == k:
+                    flops = flops - dead[cand, acts[m]]
+                elif m == k:
+                    flops = flops - dead[acts[i], cand]
+                else:
+                    flops = flops - dead[acts[i], acts[m]]
+            lat = table.fixed + table.latency[rows, acts[rows]].sum() + table.latency[k, cand]
+            ok[cand] |= (flops <= self._max_flops) & (lat <= self._max_latency)
+        return ok
 
     def _current_flops(self) -> float:
         dense = self.problem.dense_action
@@ -402,6 +504,8 @@ class AutoSculptEnv(gym.Env):
                 "does not apply to"
                 if not self.problem.valid[self._t, a]
                 else "would make the FLOPs target unreachable at"
+                if self.target_latency is None
+                else "would leave no completion within the FLOPs and latency targets at"
             )
             raise ValueError(
                 f"action {a} ({self.action_names[a]}) {why} layer {layer.name} ({layer.kind}); "
@@ -470,6 +574,7 @@ class AutoSculptEnv(gym.Env):
         flops = p.policy_flops(policy)
         params = p.policy_params(policy)
         reduction = 1.0 - flops / self.dense_flops
+        latency = None if self.latency is None else self.latency.latency_reduction(policy)
         reward = terminal_reward(
             self.reward_name,
             acc,
@@ -478,9 +583,12 @@ class AutoSculptEnv(gym.Env):
             self.target,
             self.band_tolerance,
             self.tradeoff_lambda,
+            latency,
+            self.target_latency,
         )
         dense_acc = self._reward_evaluator.dense_accuracy
         reward_budget().report(count, float(reward), env_within_band(self, reduction))
+        extra = {} if latency is None else {"latency_reduction": float(latency)}
         return {
             "accuracy": float(acc),
             "dense_accuracy": float(dense_acc),
@@ -492,6 +600,7 @@ class AutoSculptEnv(gym.Env):
             "reward": float(reward),
             "policy": [self._action_names[a] for a in policy],
             "reward_evaluations": count,
+            **extra,
         }
 
     def playable(self, policy: Sequence[int] | Sequence[str]) -> bool:
@@ -519,7 +628,9 @@ class AutoSculptEnv(gym.Env):
         idx = self.problem.policy_indices(policy)
         self.problem.check_policy(idx)
         m = self._metrics(idx)
-        m["meets_target"] = bool(m["flops_reduction"] >= self.target - 1e-12)
+        m["meets_target"] = bool(m["flops_reduction"] >= self.target - 1e-12) and (
+            self.target_latency is None or m["latency_reduction"] >= self.target_latency - 1e-12
+        )
         return m
 
     def pruned_model(self, policy: Sequence[int] | Sequence[str]) -> nn.Module:
@@ -536,7 +647,8 @@ class AutoSculptEnv(gym.Env):
             env_kwargs=self.env_kwargs,
             layers=self.layer_names,
             actions=list(metrics["policy"]),
-            metrics={k: metrics[k] for k in METRICS},
+            metrics={k: metrics[k] for k in METRICS + OPTIONAL_METRICS if k in metrics},
+            latency_table=None if self.latency is None else self.latency.key,
             reward_evaluations=(
                 reward_budget().stamp(metrics["reward_evaluations"])
                 if metrics.get("reward_evaluations") is not None
@@ -550,7 +662,7 @@ class AutoSculptEnv(gym.Env):
         count = info.get("reward_evaluations")
         record = self._record(
             {
-                **{k: float(info[k]) for k in METRICS},
+                **{k: float(info[k]) for k in METRICS + OPTIONAL_METRICS if k in info},
                 "policy": [str(a) for a in info["policy"]],
                 "reward_evaluations": None if count is None else int(count),
             }
@@ -573,8 +685,9 @@ def _document(doc: str) -> str:
     """Fill the docstring's generated parts from the registries (one source per fact)."""
     from .. import ENV_DEFAULTS, zoo
     from ..features import layout_rows
+    from ..latency import LATENCY_BATCH_SIZE, LATENCY_THREADS
     from ..patterns import CATALOGS
-    from ..rewards import REWARDS, reward_table
+    from ..rewards import LATENCY_TARGET, REWARDS, reward_table
 
     def names(items) -> str:
         return ", ".join(f"``{n}``" for n in items)
@@ -590,6 +703,9 @@ def _document(doc: str) -> str:
         ),
         "{ENV_DEFAULTS}": ", ".join(f"``{k}={v!r}``" for k, v in ENV_DEFAULTS.items()),
         "{RECOVERY_BATCH_SIZE}": str(RECOVERY_BATCH_SIZE),
+        "{LATENCY_TARGET}": "\n    ".join(textwrap.wrap(LATENCY_TARGET, 88)),
+        "{LATENCY_BATCH_SIZE}": str(LATENCY_BATCH_SIZE),
+        "{LATENCY_THREADS}": str(LATENCY_THREADS),
     }
     for key, text in parts.items():
         doc = doc.replace(key, text)

@@ -6,10 +6,16 @@ batch size with a fixed thread count, all in one run, and prints the measured sp
 the materialised network and its ratio to the FLOPs-ideal speedup (dense FLOPs / policy
 FLOPs). ``--breakdown`` adds a per-layer table (each prunable layer timed alone on its real
 input, dense vs materialised) for the first policy of each model; ``--table`` compares the
-per-(layer, action) latency table's prediction with the measured latency.
+per-(layer, action) latency table's prediction (:mod:`autosculpt_env.latency`, the env's
+``latency_reduction``) with the measured end-to-end latency of each materialised network at
+the largest batch size, and summarises per model how often it is within 10 %;
+``--table-only`` runs that stage alone (no masked network, no ONNX).
 
     python benchmarks/latency.py                       # all models, a few minutes
     python benchmarks/latency.py --models resnet20 --breakdown --table
+    python benchmarks/latency.py --table-only          # the table's prediction, all models
+    python benchmarks/latency.py --table-only --dataset digits --models resnet20 \
+        --levels 0.5 --batch-sizes 8 --repeats 2       # a seconds-long check of the pipeline
 
 ONNX files are written with the TorchScript exporter here (``dynamo=False``: the same
 operators in a fraction of the time; ``autosculpt export`` uses the default exporter).
@@ -34,6 +40,9 @@ import autosculpt_env  # noqa: F401  (registers the ids)
 from autosculpt_env import data
 from autosculpt_env import materialize as mat
 from autosculpt_env.latency import latency_table, median_latency
+
+TABLE_GOAL = 0.10
+"""The goal for the table's prediction: within 10 % of the measured latency."""
 
 ENV_OF = {
     "resnet20": "AutoSculpt-ResNet",
@@ -94,7 +103,18 @@ def layer_breakdown(dense, materialised, layers: list[str], x: torch.Tensor, rep
     return rows
 
 
-def main() -> int:
+def table_summary(model: str, errors: list[float]) -> str:
+    """One line: how well the table's sum predicted the measured latencies of a model."""
+    within = sum(abs(e) <= TABLE_GOAL for e in errors)
+    worst = max(errors, key=abs)
+    return (
+        f"  table on {model}: median |error| {100 * statistics.median(map(abs, errors)):.1f} %, "
+        f"worst {100 * worst:+.1f} %, {within}/{len(errors)} policies within "
+        f"{100 * TABLE_GOAL:.0f} %"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(ENV_OF))
     ap.add_argument("--dataset", default="fashion-mnist")
@@ -104,8 +124,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--breakdown", action="store_true", help="per-layer times")
     ap.add_argument("--table", action="store_true", help="latency-table prediction check")
+    ap.add_argument(
+        "--table-only", action="store_true", help="only the latency-table prediction check"
+    )
     ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.table = args.table or args.table_only
     torch.set_num_threads(args.threads)
     print(
         f"# torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} cores, "
@@ -118,13 +142,15 @@ def main() -> int:
         + " ".join(f"{'torch b' + str(b):>9} {'ort b' + str(b):>9}" for b in args.batch_sizes)
         + f" {'ratio':>6}"
     )
-    print(hdr)
+    if not args.table_only:
+        print(hdr)
     for model in args.models:
         env_id = ENV_OF[model]
-        env = gym.make(env_id, dataset=args.dataset, reward_samples=256)
+        reward = data.load(args.dataset, "reward").images
+        env = gym.make(env_id, dataset=args.dataset, reward_samples=min(256, len(reward)))
         base = env.unwrapped
         p = base.problem
-        images = data.load(args.dataset, "reward").images[:64]
+        images = reward[:64]
         policies = best_rows(env_id, args.dataset)
         for lv in args.levels:
             a = p.catalog.action_names.index(f"level_{lv:.1f}")
@@ -134,6 +160,17 @@ def main() -> int:
                     [a if p.valid[i, a] else 0 for i in range(p.num_layers)],
                 )
             )
+        table = (
+            latency_table(
+                p, batch_size=max(args.batch_sizes), repeats=args.repeats, threads=args.threads
+            )
+            if args.table
+            else None
+        )
+        if args.table_only:
+            results += table_check(model, base, table, policies, images, args.repeats)
+            env.close()
+            continue
         dense_onnx = mat.export_onnx(p.model, tmp / f"{model}-dense.onnx", images[:2], dynamo=False)
         dense_t = {}
         for b in args.batch_sizes:
@@ -142,14 +179,12 @@ def main() -> int:
                 median_latency(p.model, x, args.repeats),
                 ort_latency(dense_onnx, x, args.threads, args.repeats),
             )
-        table = (
-            latency_table(p, batch_size=max(args.batch_sizes), repeats=5) if args.table else None
-        )
+        errors = []
         for k, (label, policy) in enumerate(policies):
             actions = p.policy_indices(policy)
             m = mat.materialize_policy(env, actions, check_inputs=images)
             masked = base.pruned_model(actions)
-            ideal = 1.0 / (1.0 - base.evaluate_policy(actions)["flops_reduction"])
+            ideal = base.dense_flops / p.policy_flops(actions)  # no reward evaluation needed
             path = mat.export_onnx(m.model, tmp / f"{model}-{k}.onnx", images[:2], dynamo=False)
             mat.check_onnx(path, m.model, images)
             row = {
@@ -180,6 +215,7 @@ def main() -> int:
             if table is not None:
                 pred = table.policy_latency(actions)
                 row["table_error"] = pred / big["torch_mat"] - 1.0
+                errors.append(row["table_error"])
                 line += f"  table {100 * row['table_error']:+.0f}%"
             print(line, flush=True)
             if args.breakdown and k == 0:
@@ -197,7 +233,18 @@ def main() -> int:
                 print(f"    outside the prunable layers: {1e3 * rest:.2f} ms ({rest / total:.0%})")
                 row["breakdown"] = br
             results.append(row)
+        if errors:
+            print(table_summary(model, errors), flush=True)
         env.close()
+    if args.table_only:
+        print(
+            f"# table = the latency table's sum (fixed + per-layer entries, batch "
+            f"{max(args.batch_sizes)}); measured = the materialised network end to end; "
+            f"error = table / measured - 1; goal: within {100 * TABLE_GOAL:.0f} %"
+        )
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     print(
         "# columns: measured speedup of the materialised network over the dense one; ratio = "
         f"speedup / FLOPs-ideal at batch {max(args.batch_sizes)} (torch/onnxruntime)"
@@ -205,6 +252,44 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def table_check(model, base, table, policies, images, repeats: int) -> list[dict]:
+    """The table's predicted latency of each policy against the measured end-to-end latency
+    of its materialised network (at the table's batch size); prints a line each and a
+    summary."""
+    p = base.problem
+    x = torch.randn(table.batch_size, *images.shape[1:])
+    dense = median_latency(p.model, x, repeats)
+    print(
+        f"{model}: dense measured {1e3 * dense:.2f} ms, table {1e3 * table.dense_latency:.2f} ms "
+        f"(batch {table.batch_size})"
+    )
+    rows = []
+    for label, policy in policies:
+        actions = p.policy_indices(policy)
+        m = mat.materialize_policy(base, actions, check_inputs=images)
+        measured = median_latency(m.model, x, repeats)
+        predicted = table.policy_latency(actions)
+        row = {
+            "model": model,
+            "policy": label,
+            "batch_size": table.batch_size,
+            "predicted": predicted,
+            "measured": measured,
+            "dense_measured": dense,
+            "table_error": predicted / measured - 1.0,
+            "runtime_perms": len(m.runtime_permutations),
+        }
+        print(
+            f"  {label:<26} table {1e3 * predicted:8.2f} ms  measured {1e3 * measured:8.2f} ms  "
+            f"error {100 * row['table_error']:+6.1f} %  speedup {dense / measured:.2f}x "
+            f"(table {table.dense_latency / predicted:.2f}x)",
+            flush=True,
+        )
+        rows.append(row)
+    print(table_summary(model, [r["table_error"] for r in rows]), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import gymnasium as gym
 import numpy as np
@@ -326,3 +327,27 @@ def test_records_check_the_latency_fields(monkeypatch):
     old["metrics"] = {k: v for k, v in d["metrics"].items() if k != "latency_reduction"}
     old["env_kwargs"] = {k: v for k, v in d["env_kwargs"].items() if k != "latency_batch_size"}
     assert EpisodeRecord.from_dict(old).latency_table is None
+
+
+def test_benchmark_table_stage_on_a_tiny_setting(tmp_path, monkeypatch, capsys):
+    """``benchmarks/latency.py --table-only`` runs end to end (no timing asserted)."""
+    import runpy
+    from pathlib import Path
+
+    monkeypatch.setenv("AUTOSCULPT_CACHE", str(tmp_path))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "latency.py"
+    main = runpy.run_path(str(script))["main"]
+    out = tmp_path / "table.json"
+    argv = ["--table-only", "--dataset", "digits", "--models", "resnet20", "--levels", "0.5"]
+    argv += ["--batch-sizes", "4", "--repeats", "1", "--json", str(out)]
+    assert main(argv) == 0
+    (row,) = json.loads(out.read_text())
+    assert (row["model"], row["policy"], row["batch_size"]) == ("resnet20", "uniform level_0.5", 4)
+    assert row["predicted"] > 0 and row["measured"] > 0
+    assert row["table_error"] == pytest.approx(row["predicted"] / row["measured"] - 1.0)
+    text = capsys.readouterr().out
+    assert re.search(
+        r"table on resnet20: median \|error\| [\d.]+ %, worst [-+][\d.]+ %, [01]/1 policies "
+        r"within 10 %",
+        text,
+    ), text

@@ -36,9 +36,13 @@ class Args:
     rows: Path = Path("benchmarks/rows")
     """leaderboard rows whose best policies join the competitive set"""
     searches: list[str] = field(default_factory=lambda: list(fidelity.SEARCH_AGENTS))
-    """agents whose best policies (proxy-mode search runs) join the competitive set"""
-    search_seeds: list[int] = field(default_factory=lambda: [11, 12, 13, 14])
+    """agents whose best policies (search runs) join the competitive set"""
+    search_seeds: list[int] = field(default_factory=lambda: [11, 12, 13, 14, 15])
     """seeds of those search runs"""
+    search_budget: int = fidelity.SEARCH_BUDGET
+    """reward evaluations per search run"""
+    search_evaluation: str = fidelity.SEARCH_EVALUATION
+    """the evaluation= mode the search runs optimise"""
     broad_random: int = 12
     """seeded random valid policies in the broad set"""
     broad_mutations: int = 12
@@ -72,6 +76,8 @@ def main(args: Args) -> None:
                 rows_dir=args.rows,
                 agents=args.searches,
                 seeds=args.search_seeds,
+                budget=args.search_budget,
+                evaluation=args.search_evaluation,
                 broad_random=args.broad_random,
                 broad_mutations=args.broad_mutations,
                 progress=args.progress,

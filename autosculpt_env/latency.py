@@ -418,3 +418,86 @@ def _measure(problem, batch_size: int, repeats: int, progress: bool | None) -> L
         batch_size=batch_size,
         machine={},
     )
+
+
+SPEEDUP_FIELDS = (
+    "speedup",
+    "dense_s",
+    "materialised_s",
+    "batch_size",
+    "threads",
+    "repeats",
+    "machine",
+    "load_average",
+)
+"""What :func:`measured_speedup` returns (a leaderboard row's ``speedup`` object)."""
+
+
+def measured_speedup(
+    env,
+    policy: Sequence[int] | Sequence[str],
+    batch_size: int = LATENCY_BATCH_SIZE,
+    threads: int = LATENCY_THREADS,
+    repeats: int = LATENCY_REPEATS,
+) -> dict:
+    """The measured speedup of a policy's materialised network over the dense network.
+
+    Both run end to end in torch on the CPU, at ``threads`` threads (the caller's count is
+    restored) and batch ``batch_size``, median of ``repeats`` runs each. A wall-clock
+    measurement: it depends on the machine and on what else runs on it, so it comes with its
+    conditions (:data:`SPEEDUP_FIELDS`: the machine, and the 1-minute load average when it
+    was taken).
+
+    Raises:
+        MaterializeError: the network cannot be materialised.
+    """
+    from .materialize import materialize_policy
+
+    base = env.unwrapped
+    m = materialize_policy(env, policy)
+    shape = base.problem.example_inputs.shape[1:]
+    x = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0))
+    caller = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dense = median_latency(base.problem.model, x, repeats)
+        materialised = median_latency(m.model, x, repeats)
+    finally:
+        torch.set_num_threads(caller)
+    return {
+        "speedup": dense / materialised,
+        "dense_s": dense,
+        "materialised_s": materialised,
+        "batch_size": int(batch_size),
+        "threads": int(threads),
+        "repeats": int(repeats),
+        "machine": machine(threads),
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+
+
+def speedup_problems(value) -> list[str]:
+    """What is wrong with a :func:`measured_speedup` object read from a file (empty: nothing).
+    Its numbers cannot be measured again elsewhere; they must be whole and agree with each
+    other."""
+    if not isinstance(value, dict) or set(value) != set(SPEEDUP_FIELDS):
+        return [f"speedup must be an object with {list(SPEEDUP_FIELDS)}"]
+    errors = []
+    for key in ("speedup", "dense_s", "materialised_s", "load_average"):
+        v = value[key]
+        if not _finite(v) or v < 0 or (v == 0 and key != "load_average"):
+            errors.append(f"speedup.{key} must be a positive number, got {v!r}")
+    for key in ("batch_size", "threads", "repeats"):
+        v = value[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            errors.append(f"speedup.{key} must be an integer >= 1, got {v!r}")
+    if not isinstance(value["machine"], dict):
+        errors.append("speedup.machine must be an object")
+    if not errors and not math.isclose(
+        value["speedup"], value["dense_s"] / value["materialised_s"], rel_tol=1e-9
+    ):
+        errors.append(
+            f"speedup.speedup {value['speedup']} != dense_s / materialised_s "
+            f"{value['dense_s'] / value['materialised_s']}"
+        )
+    return errors

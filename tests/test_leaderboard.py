@@ -307,3 +307,37 @@ def test_a_sweep_never_writes_a_row_twice(tmp_path):
     assert lb.write_row(tmp_path, {"row_id": "r", "v": 2}, exclusive=True) is None
     assert json.loads((tmp_path / "r.json").read_text())["v"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
+
+
+def test_rows_carry_the_measured_speedup_as_a_column(board):
+    """Each row has its materialised network's measured speedup (not part of the score),
+    checked for consistency; older rows without it still check and render with '–'."""
+    import re
+
+    from autosculpt_env.latency import SPEEDUP_FIELDS
+
+    for r in board["rows"]:
+        s = r["speedup"]
+        assert set(s) == set(SPEEDUP_FIELDS)
+        assert (s["batch_size"], s["threads"]) == (256, 1) and s["speedup"] > 0
+        assert s["speedup"] == pytest.approx(s["dense_s"] / s["materialised_s"])
+    md = lb.render(board["rows"])
+    assert "| FLOPs reduction (%) | measured speedup |" in md
+    ranked = [line for line in md.splitlines() if re.match(r"\| [12] \| ", line)]
+    assert len(ranked) == 2 and all(re.search(r"\| \d+\.\d\dx \|", line) for line in ranked)
+
+    row = {k: v for k, v in board["rows"][0].items() if k != "_path"}
+    assert lb.check_row(row)[0] == []
+    assert lb.check_row({**row, "speedup": None})[0] == []  # could not be materialised
+    old = {k: v for k, v in row.items() if k != "speedup"}  # a row from before the column
+    assert lb.check_row(old)[0] == []
+    assert "| – |" in lb.render([old])
+    for bad, match in (
+        ({**row["speedup"], "speedup": 2 * row["speedup"]["speedup"]}, "dense_s / materialised_s"),
+        ({**row["speedup"], "dense_s": -1.0}, "positive number"),
+        ({**row["speedup"], "threads": 0}, "integer >= 1"),
+        ({k: v for k, v in row["speedup"].items() if k != "machine"}, "an object with"),
+        ("fast", "speedup must be object or null"),
+    ):
+        errors = lb.check_row({**row, "speedup": bad})[0]
+        assert any(match in e for e in errors), (bad, errors)

@@ -119,6 +119,7 @@ def summarize(rows: list[dict]) -> dict[str, list[dict]]:
                     "seeds": [r["seed"] for r in rs],
                     "score": stats.mean_ci(scores),
                     "flops_reduction": float(np.mean([r["flops_reduction"] for r in rs])),
+                    "speedup": _mean_speedup(rs),
                     "reward_accuracy": float(np.mean([r["reward_accuracy"] for r in rs])),
                     "found_at": float(np.mean([r["found_at_evaluation"] or 0 for r in rs])),
                     "search_seconds": float(np.mean([r["search_seconds"] for r in rs])),
@@ -131,6 +132,19 @@ def summarize(rows: list[dict]) -> dict[str, list[dict]]:
         entries.sort(key=lambda e: (-e["score"][0], e["agent"]))
         out[task] = entries
     return out
+
+
+def _mean_speedup(rows: list[dict]) -> tuple[float, int] | None:
+    """Mean measured speedup of the runs that have one, and how many do (``None``: none)."""
+    values = [r["speedup"]["speedup"] for r in rows if r.get("speedup")]
+    return (float(np.mean(values)), len(values)) if values else None
+
+
+def _speedup_cell(value: tuple[float, int] | None, runs: int) -> str:
+    if value is None:
+        return "–"
+    mean, n = value
+    return f"{mean:.2f}x" + ("" if n == runs else f" ({n}/{runs})")
 
 
 def normalised_scores(rows: list[dict], baseline: str = BASELINE) -> tuple[dict, list[str]]:
@@ -211,7 +225,10 @@ def render(
         f"between the `{BASELINE}` baseline (0) and the dense network (1), and the "
         f"probability that a run of the agent beats a run of `{REFERENCE}` on the same task "
         "(averaged over tasks), both with 95 % stratified-bootstrap intervals. Rows of "
-        "different protocols are never mixed.",
+        "different protocols are never mixed. *Measured speedup* is the policy's "
+        "materialised network against the dense network in torch (batch 256, one thread, "
+        "the mean over the runs that measured it, – where none did): a wall-clock "
+        "measurement on the machine that made the row, not part of the score.",
         "",
     ]
     for g in groups(rows):
@@ -269,13 +286,14 @@ def _render_group(g: Group, plots_dir, output) -> list[str]:
             f"{e0['model']} on {e0['dataset']}, target FLOPs reduction "
             f"{task.rsplit('@', 1)[-1]}; dense network: {100 * e0['dense_score']:.2f} %.",
             "",
-            "| rank | agent | score (%) [95 % CI] | FLOPs reduction (%) | reward acc. (%) "
-            "| best found at (evaluations) | search (s) | seeds |",
-            "|---:|---|---:|---:|---:|---:|---:|---|",
+            "| rank | agent | score (%) [95 % CI] | FLOPs reduction (%) | measured speedup "
+            "| reward acc. (%) | best found at (evaluations) | search (s) | seeds |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for rank, e in enumerate(entries, 1):
             lines.append(
                 f"| {rank} | {e['agent']} | {_ci(e['score'])} | {100 * e['flops_reduction']:.1f} "
+                f"| {_speedup_cell(e['speedup'], len(e['seeds']))} "
                 f"| {100 * e['reward_accuracy']:.2f} | {e['found_at']:.0f} / {e['budget']} "
                 f"| {e['search_seconds']:.0f} | {len(e['seeds'])} |"
             )

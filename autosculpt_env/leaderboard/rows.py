@@ -120,6 +120,13 @@ fine-tuning fields are ``null`` on a track that does not fine-tune."""
 
 SCHEMAS = {1: ROW_FIELDS_V1, 2: ROW_FIELDS}
 
+OPTIONAL_ROW_FIELDS: dict[str, tuple[str, ...]] = {"speedup": (_DICT, _NONE)}
+"""Fields a row of either schema may hold, absent from rows written before them.
+``speedup``: the materialised network's measured speedup over the dense network with the
+conditions of the measurement (:func:`autosculpt_env.latency.measured_speedup`), or ``null``
+where the network could not be materialised; a column of the table, not part of the score.
+Being a wall-clock measurement it is checked for consistency, not measured again."""
+
 _ACCURACIES = (
     "reward_accuracy",
     "reward_accuracy_measured",
@@ -263,7 +270,14 @@ def check_row(row) -> tuple[list[str], EpisodeRecord | None]:
             continue
         if t not in types:
             errors.append(f"{key} must be {' or '.join(types)}, got {t}")
-    unknown = sorted(set(row) - set(fields) - {"_path"}, key=str)
+    for key, types in OPTIONAL_ROW_FIELDS.items():
+        if key in row and _json_type(row[key]) not in types:
+            errors.append(f"{key} must be {' or '.join(types)}, got {_json_type(row[key])}")
+        elif row.get(key) is not None and key == "speedup":
+            from ..latency import speedup_problems
+
+            errors += speedup_problems(row[key])
+    unknown = sorted(set(row) - set(fields) - set(OPTIONAL_ROW_FIELDS) - {"_path"}, key=str)
     if unknown:
         errors.append(f"unknown fields {unknown}")
     if errors:

@@ -11,7 +11,9 @@ For one (task, agent, seed) the harness
    (the ledger and the record's stamp, never the agent's printout) stays within budget;
 3. **scores** the best policy (:func:`score`): fine-tuned with the fixed recipe and scored
    by test accuracy (the full track; the only place the test split is read), or scored by
-   the protocol's high-fidelity reward on the reward split (the fast track);
+   the protocol's high-fidelity reward on the reward split (the fast track); beside the
+   score, not part of it, the measured speedup of the policy's materialised network over
+   the dense one (:func:`materialised_speedup`);
 4. returns the **row** (:func:`make_row`): every number above with its provenance, the
    env's progress curve and the full record, so the row can be replayed
    (:func:`autosculpt_env.leaderboard.rows.validate`).
@@ -292,6 +294,7 @@ def score(
             "dense_test_accuracy": None,
             "finetune_recipe": None,
             "finetune_samples": None,
+            "speedup": materialised_speedup(env, actions),
         }
         t0 = time.perf_counter()
         if protocol.finetunes:
@@ -335,6 +338,24 @@ def score(
         env.close()
         torch.set_num_threads(threads)
     return out
+
+
+def materialised_speedup(env, actions: list[int]) -> dict | None:
+    """A row's ``speedup``: the policy's materialised network against the dense network,
+    timed end to end in torch (:func:`autosculpt_env.latency.measured_speedup`: batch 256,
+    one thread, with the machine and its load average). A wall-clock measurement, so not
+    part of the score and not measured again by validation. ``None``, with a warning, for a
+    network that cannot be materialised."""
+    import warnings
+
+    from ..latency import measured_speedup
+    from ..materialize import MaterializeError
+
+    try:
+        return measured_speedup(env, actions)
+    except MaterializeError as e:
+        warnings.warn(f"no speedup measured: {e}", stacklevel=2)
+        return None
 
 
 def score_reward(record: EpisodeRecord, evaluation: str) -> dict:
@@ -413,6 +434,7 @@ _SCORE_FIELDS = (
     "finetune_recipe",
     "finetune_samples",
     "score_seconds",
+    "speedup",
 )
 
 

@@ -64,8 +64,9 @@ class Args:
     """override the env's reward"""
 
     # Algorithm specific arguments
-    total_timesteps: int = 12600
-    """total env steps (one step = one layer decision)"""
+    total_timesteps: int = 6720
+    """total env steps (one step = one layer decision; 320 episodes of AutoSculpt-ResNet, about
+    ten minutes of the default recovery reward on two cores)"""
     max_reward_evaluations: int | None = None
     """the reward-evaluation budget (finished episodes), counted and enforced by the env; when
     given, it is the run's length (total_timesteps is ignored)"""

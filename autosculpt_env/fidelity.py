@@ -480,9 +480,9 @@ SEARCH_AGENTS: tuple[str, ...] = ("ppo_gnn", "ppo_mlp", "ddpg_amc", "random_sear
 """Agents whose search runs add their best policies to the competitive set."""
 
 SEARCH_BUDGET = 50
-"""Reward evaluations of each search run that feeds the competitive set: the full track's
-budget (:mod:`autosculpt_env.leaderboard.protocol`), so the set holds the policies that
-track ranks."""
+"""Reward evaluations of each search run that feeds the competitive set: the order of the
+leaderboard's budgets (the first protocol's 100, the full track's 25), about a minute of
+``accuracy`` evaluations per run."""
 
 SEARCH_EVALUATION = "accuracy"
 """The ``evaluation=`` mode those search runs optimise. Not a candidate's own reward (a set

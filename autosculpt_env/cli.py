@@ -216,6 +216,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from . import data
     from . import finetune as ft
     from .records import METRICS, compare_metrics, make_env, reward_function
     from .training import accuracy
@@ -234,6 +235,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     env = make_env(record)  # refuses metrics that do not follow from the actions
     try:
         base = env.unwrapped
+        if args.samples is not None:  # before any work, not cut to the split's size
+            kw = base.env_kwargs
+            data.check_samples("--samples", args.samples, kw["dataset"], "train", kw["data_dir"])
         actions = base.problem.actions_from_names(record.actions)
         # the output record shows measured numbers, never the input's: measure them all
         fresh = base.evaluate_policy(actions)
@@ -280,7 +284,7 @@ def _reward_split(base):
 
     kw = base.env_kwargs
     ds = data.load(kw["dataset"], "reward", kw.get("data_dir"))
-    n = min(kw["reward_samples"], len(ds))
+    n = kw["reward_samples"]  # the count the env used (it refuses one the split cannot hold)
     return data.ImageDataset(ds.images[:n], ds.labels[:n], ds.info, "reward")
 
 
@@ -431,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dataset", required=True, help="fashion-mnist or digits")
     tr.add_argument("--out", default=None, help="output folder (default $AUTOSCULPT_CACHE/zoo)")
     tr.add_argument("--data-dir", default=None, help="dataset folder")
-    tr.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    tr.add_argument(
+        "--epochs", type=positive_int, default=None, help="override the recipe's epochs"
+    )
     tr.add_argument("--seed", type=int, default=None, help="override the entry's seed")
     _threads_option(tr, default=None)
     tr.set_defaults(func=_cmd_zoo_train)
@@ -464,10 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument("record", help="record JSON (best.json) or leaderboard row")
     ft.add_argument("--out", required=True, help="output folder")
-    ft.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    ft.add_argument(
+        "--epochs", type=positive_int, default=None, help="override the recipe's epochs"
+    )
     ft.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
     ft.add_argument(
-        "--samples", type=int, default=None, help="train on a subset of this many images"
+        "--samples", type=positive_int, default=None, help="train on a subset of this many images"
     )
     ft.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
     _threads_option(ft)
@@ -502,8 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("record", help="record JSON (best.json) or leaderboard row")
     ex.add_argument("--out", required=True, help="output folder")
-    ex.add_argument("--batch-size", type=int, default=256, help="batch for the timing")
-    ex.add_argument("--repeats", type=int, default=20, help="timed runs (median kept)")
+    ex.add_argument("--batch-size", type=positive_int, default=256, help="batch for the timing")
+    ex.add_argument("--repeats", type=positive_int, default=20, help="timed runs (median kept)")
     _threads_option(ex)
     ex.set_defaults(func=_cmd_export)
 

@@ -141,6 +141,39 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None) -> Im
     return ImageDataset(images.contiguous(), torch.from_numpy(y).long(), ds_info, split)
 
 
+def split_size(name: str, split: str, data_dir: str | os.PathLike | None = None) -> int:
+    """Number of images in one split of a dataset (reads the files as :func:`load` does,
+    without building the normalised tensors)."""
+    info(name)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    _, y = _cached_raw(name, "test" if split == "test" else "train", data_dir)
+    if split == "test":
+        return len(y)
+    train_idx, reward_idx = split_indices(name, len(y))
+    return len(reward_idx if split == "reward" else train_idx)
+
+
+def check_samples(
+    setting: str, samples: int, name: str, split: str, data_dir: str | os.PathLike | None = None
+) -> int:
+    """Return ``samples`` when the split holds that many images.
+
+    A setting that asks for more images than a split holds is refused rather than cut to
+    the split's size: a record or row would otherwise state a number that was not used.
+
+    Raises:
+        ValueError: naming the setting, its value, the split's size and the fix.
+    """
+    size = split_size(name, split, data_dir)
+    if samples > size:
+        raise ValueError(
+            f"{setting}={samples} is more than the {split} split of {name} holds ({size} "
+            f"images); pass {setting} <= {size}"
+        )
+    return samples
+
+
 _RAW_CACHE: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
 
 

@@ -37,6 +37,7 @@ No evaluator ever reads the ``test`` split; all of them are deterministic.
 from __future__ import annotations
 
 import copy
+import numbers
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -61,6 +62,48 @@ EVALUATIONS: tuple[str, ...] = (
 )
 """The ``evaluation=`` modes of the env (see the module docstring)."""
 
+REWARD_SAMPLES = 2048
+"""Reward-split images an evaluation scores unless told otherwise (the whole split when it
+holds fewer: the digits twins' holds 120)."""
+
+SAMPLE_SETTINGS: dict[str, tuple[str, int, int]] = {
+    "reward_samples": ("reward", REWARD_SAMPLES, 1),
+    "bn_recalibration_samples": ("train", 1024, 0),
+    "recovery_samples": ("train", 2048, 1),
+    "calibration_samples": ("train", 256, 1),
+}
+"""``{setting: (split it draws from, default, smallest value)}`` for the env's image counts."""
+
+
+def sample_settings(dataset: str, data_dir=None, **given) -> dict[str, int]:
+    """The number of images each of :data:`SAMPLE_SETTINGS` uses, as an env records them.
+
+    A setting given as ``None`` (or not given) takes its default, or the whole split when
+    the split holds fewer images; a number is used as given, and refused when the split
+    holds fewer (it is never cut silently, so a record states the number actually used).
+
+    Raises:
+        ValueError: a value that is not an integer, is below its minimum, or asks for more
+            images than its split holds (the message names the value, the split's size and
+            the fix).
+    """
+    unknown = set(given) - set(SAMPLE_SETTINGS)
+    if unknown:
+        raise TypeError(f"unknown sample settings {sorted(unknown)}")
+    out = {}
+    for name, (split, default, low) in SAMPLE_SETTINGS.items():
+        value = given.get(name)
+        if value is None:
+            out[name] = min(default, data_mod.split_size(dataset, split, data_dir))
+        elif isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(
+                f"{name} must be an integer >= {low}, or None for {default} (the whole "
+                f"{split} split when it holds fewer), got {value!r}"
+            )
+        else:
+            out[name] = data_mod.check_samples(name, int(value), dataset, split, data_dir)
+    return out
+
 
 class AccuracyEvaluator:
     """Top-1 accuracy on the reward split under a policy, memoised.
@@ -79,19 +122,21 @@ class AccuracyEvaluator:
         problem: PruningProblem,
         dataset: str,
         data_dir=None,
-        reward_samples: int = 2048,
+        reward_samples: int = REWARD_SAMPLES,
         bn_recalibration_samples: int = 1024,
     ):
         self.problem = problem
         reward = data_mod.load(dataset, "reward", data_dir)
-        n = min(reward_samples, len(reward))
+        n = data_mod.check_samples("reward_samples", reward_samples, dataset, "reward", data_dir)
         self.images, self.labels = reward.images[:n], reward.labels[:n]
         self.norms = [
             m for m in problem.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
         self.recal_images = None
         if bn_recalibration_samples > 0 and self.norms:
-            self.recal_images = train_subset(dataset, bn_recalibration_samples, data_dir).images
+            self.recal_images = train_subset(
+                dataset, bn_recalibration_samples, data_dir, "bn_recalibration_samples"
+            ).images
         self.net = copy.deepcopy(problem.model).eval()
         self._net_norms = [
             m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -157,11 +202,11 @@ class ReconstructionEvaluator(AccuracyEvaluator):
         problem: PruningProblem,
         dataset: str,
         data_dir=None,
-        reward_samples: int = 2048,
+        reward_samples: int = REWARD_SAMPLES,
         bn_recalibration_samples: int = 1024,
         calibration_samples: int = 256,
     ):
-        calib = train_subset(dataset, calibration_samples, data_dir).images
+        calib = train_subset(dataset, calibration_samples, data_dir, "calibration_samples").images
         self.reconstruction = Reconstruction(problem, calib)
         super().__init__(problem, dataset, data_dir, reward_samples, bn_recalibration_samples)
 
@@ -215,14 +260,14 @@ class RecoveryEvaluator(AccuracyEvaluator):
         problem: PruningProblem,
         dataset: str,
         data_dir=None,
-        reward_samples: int = 2048,
+        reward_samples: int = REWARD_SAMPLES,
         bn_recalibration_samples: int = 1024,
         recovery_samples: int = 2048,
         reconstruction: bool = False,
         calibration_samples: int = 256,
         recovery_batch_size: int = RECOVERY_BATCH_SIZE,
     ):
-        self.recovery_data = train_subset(dataset, recovery_samples, data_dir)
+        self.recovery_data = train_subset(dataset, recovery_samples, data_dir, "recovery_samples")
         self.recipe = recovery_recipe(dataset, recovery_batch_size)
         self._dense_state = {k: v.clone() for k, v in problem.model.state_dict().items()}
         self._base = (

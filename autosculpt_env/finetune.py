@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import data as data_mod
-from .records import EpisodeRecord, make_env
+from .records import EpisodeRecord, default_file_mode, make_env
 from .traceable import make_traceable
 from .training import Recipe, train
 
@@ -118,10 +118,19 @@ def check_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"{name}: {bad} entries are nonzero where the mask removes them")
 
 
-def train_subset(dataset: str, samples: int | None, data_dir=None) -> data_mod.ImageDataset:
-    """The ``train`` split, or a fixed seeded subset of ``samples`` images of it."""
+def train_subset(
+    dataset: str, samples: int | None, data_dir=None, setting: str = "train_samples"
+) -> data_mod.ImageDataset:
+    """The ``train`` split, or a fixed seeded subset of ``samples`` images of it.
+
+    Raises:
+        ValueError: ``samples`` is more than the split holds (named as ``setting``); it is
+            refused, not cut, so that what a record states is what was used.
+    """
     train_ds = data_mod.load(dataset, "train", data_dir)
-    if samples is None or samples >= len(train_ds):
+    if samples is not None:
+        data_mod.check_samples(setting, samples, dataset, "train", data_dir)
+    if samples is None or samples == len(train_ds):
         return train_ds
     g = torch.Generator().manual_seed(data_mod.SPLIT_SEED)
     idx = torch.randperm(len(train_ds), generator=g)[:samples].sort().values
@@ -233,6 +242,7 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would keep the weights private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

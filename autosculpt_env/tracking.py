@@ -14,6 +14,7 @@ The reward-evaluation budget is not kept here: the env counts and enforces it
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import asdict, is_dataclass
@@ -118,8 +119,9 @@ def finish_run(writer, track: bool) -> None:
 def check_args(args) -> None:
     """Refuse settings no run can use, before any work (an agent's first call).
 
-    Checks ``threads`` (>= 1), ``max_reward_evaluations`` (``None`` or >= 1) and
-    ``env_id`` (a registered id), where ``args`` has them.
+    Checks ``threads`` (>= 1), ``max_reward_evaluations`` (``None`` or >= 1), the vector
+    agents' ``num_envs``, ``num_steps``, ``num_minibatches`` and ``update_epochs`` (>= 1),
+    learning rates (> 0, not NaN) and ``env_id`` (a registered id), where ``args`` has them.
 
     Raises:
         SystemExit: with a one-line message naming the option and the fix.
@@ -134,6 +136,20 @@ def check_args(args) -> None:
         raise SystemExit(
             f"error: --max-reward-evaluations must be an integer >= 1 (or omitted), got {budget!r}"
         )
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs"):
+        value = getattr(args, name, 1)  # vector agents' loop sizes: 0 would divide by zero
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"error: {flag} must be an integer >= 1, got {value!r}")
+    for name in ("learning_rate", "actor_learning_rate", "critic_learning_rate"):
+        value = getattr(args, name, 1.0)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (math.isfinite(value) and value > 0)
+        ):
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"error: {flag} must be a finite number > 0, got {value!r}")
     env_id = getattr(args, "env_id", None)
     if env_id is not None:
         from gymnasium.envs.registration import registry

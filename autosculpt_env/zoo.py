@@ -412,8 +412,10 @@ def train_entry(
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".safetensors.tmp")
     os.close(fd)
-    os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would keep a shared cache private
     save_file(state, tmp, metadata={"model": model, "dataset": dataset, "arch": e.arch})
+    # after writing (safetensors creates the file anew): mkstemp's 0600 would keep a
+    # shared cache private
+    os.chmod(tmp, default_file_mode())
     manifest = {
         "model": model,
         "dataset": dataset,

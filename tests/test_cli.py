@@ -55,7 +55,8 @@ def test_info(capsys):
     assert cli.main(["info", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["envs"]["AutoSculpt-VGG"]["model"] == "vgg11"
-    assert d["envs"]["AutoSculpt-VGG"]["reward_samples"] == 2048
+    assert d["envs"]["AutoSculpt-VGG"]["bn_recalibration_samples"] == 1024
+    assert d["envs"]["AutoSculpt-VGG"]["reward_samples"] is None  # 2048 or the whole split
     assert "level_0.9" in d["catalogs"]["autosculpt"]["actions"]
     assert set(d["rewards"]) == {"budget", "band", "log_flops", "tradeoff"}
 

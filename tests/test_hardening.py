@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import autosculpt_env  # noqa: F401
-from autosculpt_env import cli, records, tracking, zoo
+from autosculpt_env import budget, cli, records, tracking, zoo
 from autosculpt_env import leaderboard as lb
 from autosculpt_env.patterns import Action, Catalog, get_catalog
 from autosculpt_env.problem import PruningProblem
@@ -134,6 +134,29 @@ def test_record_cannot_import_a_module(record, tmp_path, monkeypatch, capsys):
     assert "not a registered AutoSculpt id" in capsys.readouterr().err
 
 
+def test_row_cannot_import_a_module(row, tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    (tmp_path / "evilrow.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    forged = copy.deepcopy(row)
+    forged["env_id"] = forged["record"]["env_id"] = "evilrow:AutoSculpt-ResNet"
+    errors = _errors([forged])
+    assert errors and not marker.exists()
+    assert any("not a registered AutoSculpt id" in e for e in errors), errors
+
+
+def test_leaderboard_task_cannot_import_a_module(tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    (tmp_path / "eviltask.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    script, ran = _fake_agent(tmp_path)
+    protocol = lb.make_protocol(budget=2, seeds=[1], dataset="digits")
+    task = lb.Task.parse("eviltask:AutoSculpt-ResNet@0.5")
+    with pytest.raises(ValueError, match="not a registered AutoSculpt id"):
+        lb.run_all(protocol, [task], [str(script)], tmp_path / "rows", tmp_path / "runs")
+    assert not marker.exists() and not ran.exists()
+
+
 # ------------------------------------------------------------- 3. weight tying
 class _Tied(nn.Module):
     def __init__(self):
@@ -151,6 +174,30 @@ class _Tied(nn.Module):
 def test_tied_weights_are_refused():
     with pytest.raises(ValueError, match=r"l2, l3 share one tensor.*ignored_layers"):
         PruningProblem(_Tied(), "digits")
+
+
+# ------------------------------------------------------- 4. caches keyed on content
+def _half_catalog(first: bool) -> Catalog:
+    def rule(w, kind, **_):  # keep the first or the last half of the filters
+        rows = torch.arange(w.shape[0]).view(-1, *[1] * (w.dim() - 1)).expand_as(w)
+        return rows < w.shape[0] // 2 if first else rows >= w.shape[0] // 2
+
+    half = Action("half", frozenset({"conv3x3", "conv", "linear"}), 0.5, (), rule)
+    return Catalog("test-same-name", (get_catalog("autosculpt").actions[0], half))
+
+
+def test_catalog_name_registered_again_is_not_served_stale_masks():
+    from autosculpt_env.patterns import register_catalog
+
+    kw = dict(dataset="digits", catalog="test-same-name", evaluation="accuracy")
+    first, second = _half_catalog(True), _half_catalog(False)
+    register_catalog(first)
+    a = gym.make("AutoSculpt-ResNet", **kw).unwrapped
+    register_catalog(second)  # the same name, other rules
+    b = gym.make("AutoSculpt-ResNet", **kw).unwrapped
+    assert a.problem.catalog is first and b.problem.catalog is second
+    i = next(i for i in range(a.num_layers) if a.problem.valid[i][1])
+    assert not torch.equal(a.problem.mask(i, 1), b.problem.mask(i, 1))
 
 
 # ------------------------------------------------------------------ 5. non-bool masks
@@ -236,8 +283,20 @@ def test_agent_that_finishes_no_episode_fails(tmp_path, monkeypatch, capsys):
         (dict(threads=0), "--threads"),
         (dict(max_reward_evaluations=-1), "--max-reward-evaluations"),
         (dict(env_id="NoSuch-v0"), "--env-id 'NoSuch-v0'"),
+        (dict(num_envs=0), "--num-envs must be an integer >= 1"),
+        (dict(num_minibatches=0), "--num-minibatches must be an integer >= 1"),
+        (dict(learning_rate=float("nan")), "--learning-rate must be a finite number > 0"),
+        (dict(critic_learning_rate=-1e-3), "--critic-learning-rate must be a finite number"),
     ],
-    ids=["threads-0", "negative-budget", "unknown-env-id"],
+    ids=[
+        "threads-0",
+        "negative-budget",
+        "unknown-env-id",
+        "no-envs",
+        "no-minibatch",
+        "lr-nan",
+        "negative-lr",
+    ],
 )
 def test_agent_arguments_are_checked_first(args, message):
     ns = types.SimpleNamespace(
@@ -245,6 +304,25 @@ def test_agent_arguments_are_checked_first(args, message):
     )
     with pytest.raises(SystemExit, match=message):
         tracking.check_args(ns)
+
+
+def test_vector_agent_with_a_budget_below_its_envs_fails(tmp_path, monkeypatch, capsys):
+    """The issue's case: PPO with 4 envs and 2 reward evaluations finishes no episode."""
+    argv = ["ppo_mlp.py", "--env-id", "AutoSculpt-ResNet", "--dataset", "digits"]
+    argv += ["--evaluation", "accuracy", "--num-envs", "4", "--max-reward-evaluations", "2"]
+    argv += ["--threads", "1", "--no-progress", "--no-save-model", "--output-dir", str(tmp_path)]
+    argv += ["--run-name", "r"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(budget, "_PROCESS", None)  # the agent's limit ends with the test
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / "agents" / "ppo_mlp.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    assert e.value.code not in (0, None)
+    assert "finished no episode" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "best.json").exists()
 
 
 # ---------------------------------------- 11. negative fine-tuning epochs are accepted
@@ -447,6 +525,78 @@ def test_policy_mixing_names_and_indices(env):
         p.policy_indices(policy)
 
 
+# ------------------------------------------ image counts: never cut behind the record's back
+def test_record_states_the_image_counts_used(env, record):
+    """The digits twin's default 2048 reward images: its reward split holds 120, and the
+    record says 120 (it said 2048 while 120 were scored)."""
+    from autosculpt_env import data
+
+    base = env.unwrapped
+    used = len(base.evaluator.labels)
+    assert used == data.split_size("digits", "reward") == 120
+    assert base.env_kwargs["reward_samples"] == record.env_kwargs["reward_samples"] == used
+    train = data.split_size("digits", "train")
+    for key in ("bn_recalibration_samples", "recovery_samples", "calibration_samples"):
+        assert 0 <= record.env_kwargs[key] <= train, key
+    again = records.make_env(record)  # replays with the counts it states
+    assert again.unwrapped.env_kwargs == base.env_kwargs
+    assert len(again.unwrapped.evaluator.labels) == used
+
+
+@pytest.mark.parametrize(
+    "key, split",
+    [
+        ("reward_samples", "reward"),
+        ("bn_recalibration_samples", "train"),
+        ("recovery_samples", "train"),
+        ("calibration_samples", "train"),
+    ],
+)
+def test_image_count_larger_than_its_split_is_refused(key, split):
+    from autosculpt_env import data
+
+    size = data.split_size("digits", split)
+    message = rf"{key}={size + 1} is more than the {split} split of digits holds \({size} images\); pass {key} <= {size}"
+    with pytest.raises(ValueError, match=message):
+        gym.make("AutoSculpt-ResNet", dataset="digits", **{key: size + 1})
+    # the largest count the split holds is accepted and stated as given
+    if key == "reward_samples":
+        e = gym.make("AutoSculpt-ResNet", dataset="digits", evaluation="accuracy", **{key: size})
+        assert e.unwrapped.env_kwargs[key] == size
+
+
+def test_train_subset_and_evaluator_refuse_more_than_the_split():
+    from autosculpt_env import data
+    from autosculpt_env.evaluation import AccuracyEvaluator
+    from autosculpt_env.finetune import train_subset
+
+    train, reward = data.split_size("digits", "train"), data.split_size("digits", "reward")
+    assert len(train_subset("digits", train)) == train
+    with pytest.raises(ValueError, match=rf"recovery_samples={train + 1} .* \({train} images\)"):
+        train_subset("digits", train + 1, setting="recovery_samples")
+    problem = PruningProblem("resnet20", "digits")
+    with pytest.raises(ValueError, match=rf"reward_samples={reward + 1} .* \({reward} images\)"):
+        AccuracyEvaluator(problem, "digits", reward_samples=reward + 1)
+
+
+def test_finetune_samples_larger_than_the_split_are_refused_first(record, tmp_path, capsys):
+    out = tmp_path / "ft"
+    path = _write(tmp_path / "r.json", json.loads(record.to_json()))
+    code = cli.main(["finetune", str(path), "--out", str(out), "--samples", "100000"])
+    assert code != 0 and not out.exists()
+    assert (
+        "--samples=100000 is more than the train split of digits holds" in capsys.readouterr().err
+    )
+
+
+def test_protocol_finetune_samples_larger_than_the_split_stop_the_run_first(tmp_path):
+    script, marker = _fake_agent(tmp_path)
+    protocol = lb.make_protocol(budget=2, seeds=[1], dataset="digits", finetune_samples=100000)
+    with pytest.raises(ValueError, match=r"AutoSculpt-ResNet@0.5: finetune_samples=100000 .*"):
+        lb.run_all(protocol, [TASK], [str(script)], tmp_path / "rows", tmp_path / "runs")
+    assert not marker.exists()
+
+
 def test_rows_and_records_get_the_usual_permissions(row, record, tmp_path):
     old = os.umask(0o022)
     try:
@@ -456,6 +606,33 @@ def test_rows_and_records_get_the_usual_permissions(row, record, tmp_path):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
     assert saved.stat().st_mode & 0o777 == 0o644
+
+
+def test_finetuned_weights_get_the_usual_permissions(env, record, tmp_path):
+    from autosculpt_env import finetune as ft
+
+    base = env.unwrapped
+    actions = base.problem.policy_indices(record.actions)
+    model = base.pruned_model(actions)
+    masks = base.problem.held_masks(actions)
+    old = os.umask(0o022)
+    try:
+        out = ft.save(tmp_path / "ft", model, masks, record)
+    finally:
+        os.umask(old)
+    for name in (ft.WEIGHTS_FILE, ft.MASKS_FILE, ft.RECORD_FILE):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_zoo_weights_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        zoo.train_entry("resnet20", "digits", out_dir=tmp_path, epochs=1, progress=False)
+    finally:
+        os.umask(old)
+    files = sorted(tmp_path.iterdir())
+    assert [f.suffix for f in files] == [".json", ".safetensors"]
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in files)
 
 
 # ---------------------------------------------------------------------- fuzz tests

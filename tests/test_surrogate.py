@@ -15,7 +15,7 @@ from torch import nn
 import autosculpt_env
 from autosculpt_env import surrogate as sg
 from autosculpt_env import zoo
-from autosculpt_env.evaluation import AccuracyEvaluator, ProxyEvaluator
+from autosculpt_env.evaluation import SAMPLE_SETTINGS, AccuracyEvaluator, ProxyEvaluator
 from autosculpt_env.patterns import Action, Catalog, get_catalog
 from autosculpt_env.policy_collection import (
     SAMPLERS,
@@ -210,7 +210,10 @@ def test_proxy_stands_for_the_registered_default(monkeypatch):
     assert sg.proxied_mode("Tiny", "autosculpt") == "accuracy"
     env = gym.make("AutoSculpt-VGG", dataset="digits", reward_samples=32)
     key, mode = sg.env_key(env)
-    assert mode == "recovery" and key["mode_settings"]["recovery_samples"] == 2048
+    # the images the recovery fine-tuning used: the default, or the whole split when smaller
+    default = SAMPLE_SETTINGS["recovery_samples"][1]
+    used = min(default, autosculpt_env.data.split_size("digits", "train"))
+    assert mode == "recovery" and key["mode_settings"]["recovery_samples"] == used
 
 
 # ------------------------------------------------------------------- damaged files

@@ -18,10 +18,12 @@ from ..budget import env_within_band
 from ..evaluation import (
     EVALUATIONS,
     RECOVERY_BATCH_SIZE,
+    REWARD_SAMPLES,
     AccuracyEvaluator,
     ProxyEvaluator,
     ReconstructionEvaluator,
     RecoveryEvaluator,
+    sample_settings,
 )
 from ..features import FeatureLayout, static_features
 from ..graph import EDGE_TYPES
@@ -67,7 +69,9 @@ def _shared_problem(model, dataset, data_dir, catalog, settings, evaluation, ign
     """
     key = None
     if isinstance(model, str) and isinstance(catalog, str):
-        key = (model, dataset, str(data_dir), catalog, settings, ignored)
+        # the catalog object, not its name: a name registered again with other rules
+        # must not be answered with the masks of the first
+        key = (model, dataset, str(data_dir), get_catalog(catalog), settings, ignored)
     if key is not None and key in _SHARED:
         problem, plain, static, rewards = _SHARED[key]
     else:
@@ -180,13 +184,16 @@ class AutoSculptEnv(gym.Env):
       :class:`~autosculpt_env.patterns.Catalog` (registered by its name, so records replay).
     * ``reward``: {REWARD_NAMES} (default ``budget``).
     * ``target_flops_reduction``: in (0, 1), default 0.5.
-    * ``reward_samples``: reward-split images scored, default 2048.
+    * ``reward_samples``: reward-split images scored, default ``None``: {REWARD_SAMPLES},
+      or the whole split when it holds fewer (the digits twins' holds 120). Every image
+      count (this one and the three below) must fit its split, or the env refuses it; the
+      record states the counts used.
     * ``bn_recalibration_samples``: training images for batch-norm recalibration, default
       1024; 0 turns it off.
     * ``evaluation``: ``accuracy`` (default), ``reconstruction``, ``recovery``,
       ``reconstruction+recovery`` or ``proxy`` (:data:`autosculpt_env.evaluation.EVALUATIONS`).
     * ``recovery_samples``: training images of the ``recovery`` modes' short fine-tuning,
-      default 2048.
+      default ``None``: 2048, or the whole split when it holds fewer.
     * ``recovery_batch_size``: batch size of that fine-tuning (one pass, so
       ``recovery_samples / recovery_batch_size`` SGD steps), default
       {RECOVERY_BATCH_SIZE}.
@@ -228,13 +235,13 @@ class AutoSculptEnv(gym.Env):
         catalog: str | Catalog = "autosculpt",
         reward: str = "budget",
         target_flops_reduction: float = 0.5,
-        reward_samples: int = 2048,
+        reward_samples: int | None = None,
         bn_recalibration_samples: int = 1024,
         evaluation: str = "accuracy",
         band_tolerance: float = 0.05,
         tradeoff_lambda: float = 1.0,
         ignored_layers: list[str] | None = None,
-        recovery_samples: int = 2048,
+        recovery_samples: int | None = None,
         calibration_samples: int = 256,
         recovery_batch_size: int = RECOVERY_BATCH_SIZE,
         target_latency_reduction: float | None = None,
@@ -260,15 +267,23 @@ class AutoSculptEnv(gym.Env):
             raise ValueError(
                 f"target_flops_reduction must be in (0, 1), got {target_flops_reduction}"
             )
-        for name, value, low in (
-            ("reward_samples", reward_samples, 1),
-            ("bn_recalibration_samples", bn_recalibration_samples, 0),
-            ("recovery_samples", recovery_samples, 1),
-            ("calibration_samples", calibration_samples, 1),
-            ("recovery_batch_size", recovery_batch_size, 1),
+        if (
+            isinstance(recovery_batch_size, bool)
+            or not isinstance(recovery_batch_size, numbers.Integral)
+            or recovery_batch_size < 1
         ):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            raise ValueError(
+                f"recovery_batch_size must be an integer >= 1, got {recovery_batch_size!r}"
+            )
+        # image counts as used (never cut to a split's size behind the record's back)
+        samples = sample_settings(
+            dataset,
+            data_dir,
+            reward_samples=reward_samples,
+            bn_recalibration_samples=bn_recalibration_samples,
+            recovery_samples=recovery_samples,
+            calibration_samples=calibration_samples,
+        )
         if evaluation not in EVALUATIONS:
             raise ValueError(
                 f"unknown evaluation {evaluation!r}; choose one of {', '.join(EVALUATIONS)}"
@@ -320,14 +335,14 @@ class AutoSculptEnv(gym.Env):
             "catalog": catalog if isinstance(catalog, str) else catalog.name,
             "reward": reward,
             "target_flops_reduction": self.target,
-            "reward_samples": int(reward_samples),
-            "bn_recalibration_samples": int(bn_recalibration_samples),
+            "reward_samples": samples["reward_samples"],
+            "bn_recalibration_samples": samples["bn_recalibration_samples"],
             "evaluation": evaluation,
             "band_tolerance": self.band_tolerance,
             "tradeoff_lambda": self.tradeoff_lambda,
             "ignored_layers": None if ignored_layers is None else list(ignored_layers),
-            "recovery_samples": int(recovery_samples),
-            "calibration_samples": int(calibration_samples),
+            "recovery_samples": samples["recovery_samples"],
+            "calibration_samples": samples["calibration_samples"],
             "recovery_batch_size": int(recovery_batch_size),
         }
         # the latency keywords are written only when given, so records of envs without them
@@ -343,10 +358,10 @@ class AutoSculptEnv(gym.Env):
             data_dir,
             catalog,
             (
-                int(reward_samples),
-                int(bn_recalibration_samples),
-                int(recovery_samples),
-                int(calibration_samples),
+                samples["reward_samples"],
+                samples["bn_recalibration_samples"],
+                samples["recovery_samples"],
+                samples["calibration_samples"],
                 int(recovery_batch_size),
             ),
             evaluation,
@@ -703,6 +718,7 @@ def _document(doc: str) -> str:
         ),
         "{ENV_DEFAULTS}": ", ".join(f"``{k}={v!r}``" for k, v in ENV_DEFAULTS.items()),
         "{RECOVERY_BATCH_SIZE}": str(RECOVERY_BATCH_SIZE),
+        "{REWARD_SAMPLES}": str(REWARD_SAMPLES),
         "{LATENCY_TARGET}": "\n    ".join(textwrap.wrap(LATENCY_TARGET, 88)),
         "{LATENCY_BATCH_SIZE}": str(LATENCY_BATCH_SIZE),
         "{LATENCY_THREADS}": str(LATENCY_THREADS),

@@ -101,9 +101,10 @@ class Protocol:
         budget: reward evaluations each search may spend (``--max-reward-evaluations``;
             the env counts and enforces it, :mod:`autosculpt_env.budget`).
         seeds: agent seeds (each seed also seeds its fine-tuning).
-        reward_samples: reward-split images per evaluation. The agents do not take it on
-            their command line, so it must equal the env's value (2048 by default); rows
-            whose record says otherwise are refused.
+        reward_samples: reward-split images per evaluation, or the whole split when it
+            holds fewer (the digits twins' holds 120). The agents do not take it on their
+            command line, so it must equal the env's value (2048 by default); rows whose
+            record says otherwise are refused.
         evaluation: the reward the search sees (``evaluation=`` mode, passed to the agents).
         dataset: override every task's dataset (``"digits"`` for a fast twin of the table).
         finetune_recipe: the fine-tuning recipe; ``None`` takes
@@ -361,25 +362,31 @@ def task_dataset(task: Task, protocol: Protocol) -> str:
     return gym.spec(task.env_id).kwargs.get("dataset", "fashion-mnist")
 
 
-def task_env_kwargs(task: Task, protocol: Protocol) -> dict:
-    """The env keyword arguments a search of ``task`` under ``protocol`` runs with: the
-    registered configuration's, with the task's target and the protocol's dataset, search
-    reward and reward samples (``data_dir`` is the user's and not compared)."""
+def task_env_kwargs(task: Task, protocol: Protocol, data_dir=None) -> dict:
+    """The env keyword arguments a search of ``task`` under ``protocol`` runs with, as its
+    record states them: the registered configuration's, with the task's target and the
+    protocol's dataset, search reward and reward samples, image counts as the env uses them
+    (:func:`autosculpt_env.evaluation.sample_settings`: the protocol's ``reward_samples`` or
+    the whole reward split when it holds fewer). ``data_dir`` (the user's) is read for the
+    splits' sizes and not compared."""
     import inspect
 
     import gymnasium as gym
 
     from ..envs.autosculpt import AutoSculptEnv
+    from ..evaluation import SAMPLE_SETTINGS, sample_settings
 
     params = inspect.signature(AutoSculptEnv.__init__).parameters
     kwargs = {k: p.default for k, p in params.items() if k not in ("self", "render_mode")}
     kwargs.update(gym.spec(task.env_id).kwargs)
+    dataset = task_dataset(task, protocol)
     kwargs.update(
         target_flops_reduction=task.target_flops_reduction,
         evaluation=protocol.evaluation,
-        reward_samples=protocol.reward_samples,
-        dataset=task_dataset(task, protocol),
+        reward_samples=min(protocol.reward_samples, data.split_size(dataset, "reward", data_dir)),
+        dataset=dataset,
     )
+    kwargs.update(sample_settings(dataset, data_dir, **{k: kwargs[k] for k in SAMPLE_SETTINGS}))
     kwargs.pop("data_dir", None)
     return kwargs
 
@@ -405,6 +412,26 @@ def flops_problems(
             f"{target + protocol.flops_band:g}]: rows are compared at equal FLOPs"
         )
     return problems
+
+
+def check_task(task: Task, protocol: Protocol, data_dir=None) -> None:
+    """Refuse, before any search, a task the protocol cannot run and score: an id that is
+    not a registered AutoSculpt id, or a fine-tuning subset its train split cannot hold.
+
+    Raises:
+        ValueError: naming the task, the value and the fix.
+    """
+    from ..records import check_env_id
+
+    check_env_id(task.env_id, f"task {task.name}: env id")
+    if protocol.finetunes and protocol.finetune_samples is not None:
+        dataset = task_dataset(task, protocol)
+        try:
+            data.check_samples(
+                "finetune_samples", protocol.finetune_samples, dataset, "train", data_dir
+            )
+        except ValueError as e:
+            raise ValueError(f"task {task.name}: {e} (--finetune-samples)") from None
 
 
 def env_kwargs_problems(record_kwargs: dict, expected: dict) -> list[str]:

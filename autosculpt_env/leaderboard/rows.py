@@ -341,9 +341,11 @@ def _row_against_record(row: dict, record: EpisodeRecord) -> list[str]:
         errors.append(
             f"record evaluation {kw.get('evaluation')!r} != protocol's {protocol.evaluation!r}"
         )
-    if kw.get("reward_samples") != protocol.reward_samples:
+    expected = task_env_kwargs(task, protocol, kw.get("data_dir"))
+    if kw.get("reward_samples") != expected["reward_samples"]:
         errors.append(
-            f"record reward_samples {kw.get('reward_samples')} != protocol's {protocol.reward_samples}"
+            f"record reward_samples {kw.get('reward_samples')} != protocol's "
+            f"{expected['reward_samples']}"
         )
     errors += _score_fields(row, protocol, extra, same)
     # the budget
@@ -357,7 +359,7 @@ def _row_against_record(row: dict, record: EpisodeRecord) -> list[str]:
             if stamp["limit"] != budget:
                 errors.append(f"the record's budget {stamp['limit']} != the row's {budget}")
         same("track", track_of(protocol), "its protocol's track")
-        errors += env_kwargs_problems(kw, task_env_kwargs(task, protocol))
+        errors += env_kwargs_problems(kw, expected)
     else:
         same("found_at_evaluation", extra.get("reward_evaluations"), "record's extra")
     if found is None or not 1 <= found <= budget:

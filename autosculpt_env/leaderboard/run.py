@@ -36,6 +36,7 @@ from .agents import AgentProgram, agent_command, find_agent
 from .protocol import (
     Protocol,
     Task,
+    check_task,
     env_kwargs_problems,
     flops_problems,
     row_id,
@@ -194,13 +195,14 @@ def check_search(result: Search, task: Task, protocol: Protocol) -> list[str]:
         problems.append(f"dataset {kw.get('dataset')!r} != {dataset!r}")
     if kw.get("evaluation") != protocol.evaluation:
         problems.append(f"evaluation {kw.get('evaluation')!r} != {protocol.evaluation!r}")
-    if kw.get("reward_samples") != protocol.reward_samples:
+    expected = task_env_kwargs(task, protocol, kw.get("data_dir"))
+    if kw.get("reward_samples") != expected["reward_samples"]:
         problems.append(
-            f"reward_samples {kw.get('reward_samples')} != the protocol's {protocol.reward_samples} "
+            f"reward_samples {kw.get('reward_samples')} != the protocol's {expected['reward_samples']} "
             "(the agents take the env's default)"
         )
     if not problems:  # every other keyword (catalog, reward ...) is the task's too
-        problems += env_kwargs_problems(kw, task_env_kwargs(task, protocol))
+        problems += env_kwargs_problems(kw, expected)
     # the budget, as the env counted it
     stamp = record.reward_evaluations
     if result.reward_evaluations > protocol.budget:
@@ -456,6 +458,7 @@ def run_one(
         AgentError: the agent failed, overspent, or wrote no usable record.
     """
     workdir = Path(workdir).resolve()
+    check_task(task, protocol)
     program = find_agent(agent, agents_dirs)
     found = search(task, program, seed, protocol, workdir)
     problems = check_search(found, task, protocol)

@@ -34,7 +34,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .agents import AGENTS, find_agent
-from .protocol import Protocol, Task, row_id
+from .protocol import Protocol, Task, check_task, row_id
 from .rows import check_folder, write_row
 from .run import ROW_SCHEMA, AgentError, die_with_parent, run_one
 
@@ -99,7 +99,7 @@ def search_rewards(protocol: Protocol, tasks: Sequence[Task]) -> dict | None:
         return None
     import gymnasium as gym
 
-    from .protocol import task_dataset
+    from .protocol import task_dataset, task_env_kwargs
     from .run import search_reward_identity
 
     out = {}
@@ -109,7 +109,7 @@ def search_rewards(protocol: Protocol, tasks: Sequence[Task]) -> dict | None:
             dataset=task_dataset(task, protocol),
             evaluation=protocol.evaluation,
             target_flops_reduction=task.target_flops_reduction,
-            reward_samples=protocol.reward_samples,
+            reward_samples=task_env_kwargs(task, protocol)["reward_samples"],
         )
         try:
             out[task.name] = search_reward_identity(env)
@@ -181,6 +181,8 @@ def run_all(
         locks.enter_context(FolderLock(rows_dir, "rows folder", "--rows-dir"))
         if workdir != rows_dir:
             locks.enter_context(FolderLock(workdir, "work folder", "--work-dir"))
+        for task in tasks:
+            check_task(task, protocol)
         check_folder(rows_dir, protocol, ROW_SCHEMA, search_rewards(protocol, tasks))
         for stale in rows_dir.glob(".*.tmp"):  # a row being written when a run was killed
             stale.unlink(missing_ok=True)

@@ -28,17 +28,25 @@ def envs_block() -> str:
     from . import registered_configs, zoo
 
     rows = [
-        "| id | model | dataset | catalog | reward | FLOPs target |",
-        "|---|---|---|---|---|---|",
+        "| id | model | dataset | catalog | reward | reward evaluation | FLOPs target |",
+        "|---|---|---|---|---|---|---|",
     ]
-    rows.append("| `AutoSculpt-v0` | any (`model=`; default `resnet20`) | any | any | any | any |")
+    import inspect
+
+    from .envs.autosculpt import AutoSculptEnv
+
+    generic = inspect.signature(AutoSculptEnv.__init__).parameters["evaluation"].default
+    rows.append(
+        "| `AutoSculpt-v0` | any (`model=`; default `resnet20`) | any | any | any | any "
+        f"(default `{generic}`) | any |"
+    )
     for env_id, kw in registered_configs().items():
         if env_id == "AutoSculpt-v0":
             continue
         title = zoo.ZOO[kw["model"]].title
         rows.append(
             f"| `{env_id}` | {title} (`{kw['model']}`) | {kw['dataset']} | `{kw['catalog']}` | "
-            f"`{kw['reward']}` | {kw['target_flops_reduction']} |"
+            f"`{kw['reward']}` | `{kw['evaluation']}` | {kw['target_flops_reduction']} |"
         )
     return "\n".join(rows)
 

@@ -413,6 +413,16 @@ def test_malformed_record_gives_one_line_naming_the_file(record, tmp_path, capsy
     assert code == 2 and len(err.splitlines()) == 1 and str(path) in err, err
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"], ids=["not-json", "not-an-object"])
+def test_malformed_row_file_gives_one_line_naming_it(tmp_path, capsys, text):
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    bad = _write(rows / "AutoSculpt-ResNet@0.5__x__seed1.json", text)
+    code = cli.main(["validate", str(rows)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and str(bad) in err, err
+
+
 class _Twice(nn.Module):
     def __init__(self):
         super().__init__()

@@ -162,8 +162,8 @@ class PolicySet:
 
 
 def make_task_env(task: Task, **overrides):
-    """The task's env as the leaderboard builds it (plain ``accuracy`` evaluation unless
-    overridden)."""
+    """The task's env as the leaderboard builds it (its registered id's keywords, the task's
+    FLOPs target, and ``overrides``)."""
     import gymnasium as gym
 
     import autosculpt_env  # noqa: F401  (registers the ids)
@@ -772,10 +772,13 @@ GOAL_COST = 5.0
 
 def default_mode(task: Task) -> str:
     """The ``evaluation=`` mode the task's registered id uses by default."""
-    from . import REGISTERED_CONFIGS
+    import gymnasium as gym
+
+    import autosculpt_env  # noqa: F401  (registers the ids)
+
     from .surrogate import _env_defaults
 
-    return REGISTERED_CONFIGS[task.env_id].get("evaluation", _env_defaults()["evaluation"])
+    return gym.spec(task.env_id).kwargs.get("evaluation", _env_defaults()["evaluation"])
 
 
 def verdict(table: dict) -> str:

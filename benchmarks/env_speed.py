@@ -25,7 +25,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 import tyro
-from torch import nn
 
 import autosculpt_env  # noqa: F401
 
@@ -103,7 +102,9 @@ def shipped_or_cached_proxy(env_id: str, kw: dict):
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
     kw = {} if args.dataset is None else {"dataset": args.dataset}
-    env = gym.make(args.env_id, **kw, **({} if args.evaluation is None else {"evaluation": args.evaluation}))
+    env = gym.make(
+        args.env_id, **kw, **({} if args.evaluation is None else {"evaluation": args.evaluation})
+    )
     base = env.unwrapped
     bare_forward.net = copy.deepcopy(base.problem.model).eval()
     rng = np.random.default_rng(0)
@@ -153,7 +154,9 @@ def main(args: Args) -> None:
     print(f"(c) non-terminal step              {1000 * c:8.3f} ms   (target <= 1 ms)")
     print(f"(d) episode, cached policy         {1000 * d:8.3f} ms")
     if e is None:
-        print("(e) proxy mode                     no surrogate shipped or cached for this configuration")
+        print(
+            "(e) proxy mode                     no surrogate shipped or cached for this configuration"
+        )
     else:
         print(f"(e) proxy mode                     {e:8.0f} steps/s (target >= 10,000)")
     print(f"b / a = {b / a:.2f}   (target <= 5)")

@@ -1,0 +1,168 @@
+"""The reward-fidelity benchmark's logic (autosculpt_env.fidelity) on a digits twin: candidate
+names, stored results that resume and refuse what they were not computed with, agreement,
+and the generated report."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import gymnasium as gym
+import pytest
+from gymnasium.envs.registration import register
+
+from autosculpt_env import ENTRY_POINT, fidelity
+from autosculpt_env.evaluation import unused_settings
+from autosculpt_env.leaderboard import Task
+
+TWIN = "AutoSculptFidelityTest-ResNetDigits"
+if TWIN not in gym.registry:
+    register(
+        id=TWIN,
+        entry_point=ENTRY_POINT,
+        kwargs={"model": "resnet20", "dataset": "digits", "evaluation": "recovery"},
+        order_enforce=False,
+    )
+TASK = Task(TWIN, 0.5)
+
+
+@pytest.fixture
+def root(tmp_path, one_thread):
+    """A fidelity folder holding four random valid policies of the twin (competitive)."""
+    env = fidelity.make_task_env(TASK, evaluation="accuracy")
+    rng = random.Random(0)
+    ps = fidelity.PolicySet(TASK, [])
+    names = env.unwrapped.action_names
+    while len(ps.policies) < 4:
+        actions = [names[a] for a in fidelity.random_valid_policy(env, rng)]
+        ps.add(actions, "competitive", "test")
+    ps.save(tmp_path)
+    env.close()
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("recovery", ("recovery", {})),
+        (
+            "recovery[recovery_batch_size=128,recovery_samples=2048]",
+            ("recovery", {"recovery_batch_size": 128, "recovery_samples": 2048}),
+        ),
+        (
+            "reconstruction+recovery[recovery_samples=512]",
+            ("reconstruction+recovery", {"recovery_samples": 512}),
+        ),
+    ],
+)
+def test_candidates_spell_their_settings(spec, expected):
+    assert fidelity.parse_candidate(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["recovery[recovery_samples=1024", "recovery[recovery_samples]"])
+def test_malformed_candidates_are_refused(spec):
+    with pytest.raises(ValueError, match="candidate"):
+        fidelity.parse_candidate(spec)
+
+
+def test_each_mode_ignores_only_the_settings_it_does_not_read():
+    assert unused_settings("accuracy") == {
+        "calibration_samples",
+        "recovery_samples",
+        "recovery_batch_size",
+    }
+    assert unused_settings("recovery") == {"calibration_samples"}
+    assert unused_settings("reconstruction") == {"recovery_samples", "recovery_batch_size"}
+    assert unused_settings("reconstruction+recovery") == set()
+
+
+def test_rewards_resume_and_refuse_other_settings(root):
+    d = fidelity.compute_rewards(root, TASK, "accuracy", progress=False)
+    assert len(d["values"]) == 4 and all(0.0 <= v <= 1.0 for v in d["values"].values())
+    path = fidelity.rewards_path(root, TASK, "accuracy")
+    stamp = path.stat().st_mtime_ns
+    assert fidelity.compute_rewards(root, TASK, "accuracy", progress=False)["values"] == d["values"]
+    assert path.stat().st_mtime_ns == stamp  # nothing recomputed, nothing rewritten
+
+    # a setting accuracy does not read may differ: the stored values still hold
+    stored = json.loads(path.read_text())
+    stored["env_kwargs"]["recovery_samples"] = 7
+    stored["values"].pop(next(iter(stored["values"])))
+    path.write_text(json.dumps(stored))
+    assert len(fidelity.compute_rewards(root, TASK, "accuracy", progress=False)["values"]) == 4
+
+    # one it reads may not: the file is refused with the candidate name that would fit it
+    stored = json.loads(path.read_text())
+    stored["env_kwargs"]["bn_recalibration_samples"] = 7
+    stored["values"].pop(next(iter(stored["values"])))
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"accuracy\[bn_recalibration_samples=7\]"):
+        fidelity.compute_rewards(root, TASK, "accuracy", progress=False)
+
+
+def test_agreement_of_a_perfect_and_a_reversed_ranking():
+    x = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    a = fidelity.agreement(x, [2 * v for v in x], resamples=200)
+    assert a.spearman == pytest.approx(1.0) and a.kendall == pytest.approx(1.0)
+    b = fidelity.agreement(x, [-v for v in x], resamples=200)
+    assert b.spearman == pytest.approx(-1.0) and b.kendall == pytest.approx(-1.0)
+
+
+def _store_ground_truth(root, ps, scores):
+    """Ground truth as ground_truth_one stores it, without the fine-tuning."""
+    for p, score in zip(ps.policies, scores):
+        for seed, delta in zip(fidelity.GROUND_TRUTH_SEEDS, (0.0, 0.001)):
+            path = fidelity.ground_truth_path(root, TASK, p.key, seed)
+            fidelity.atomic_write_json(
+                path,
+                {
+                    "task": TASK.name,
+                    "key": p.key,
+                    "actions": p.actions,
+                    "seed": seed,
+                    "test_accuracy": score + delta,
+                },
+            )
+
+
+def test_report_marks_the_default_and_states_the_goal(root):
+    ps = fidelity.PolicySet.load(root, TASK)
+    assert fidelity.default_mode(TASK) == "recovery"
+    # recovery ranks like the score, a spelled-out candidate ranks against it
+    _store_ground_truth(root, ps, [0.5, 0.6, 0.7, 0.8])
+    for mode, values in (
+        ("recovery", [0.1, 0.2, 0.3, 0.4]),
+        ("recovery[recovery_samples=9]", [0.4, 0.3, 0.2, 0.1]),
+    ):
+        fidelity.atomic_write_json(
+            fidelity.rewards_path(root, TASK, mode),
+            {
+                "mode": mode,
+                "task": TASK.name,
+                "cost": None,
+                "values": {p.key: v for p, v in zip(ps.policies, values)},
+            },
+        )
+    modes = fidelity.reported_modes(root, [TASK])
+    assert modes[: len(fidelity.MODES_REPORTED)] == list(fidelity.MODES_REPORTED)
+    assert modes[-1] == "recovery[recovery_samples=9]"
+    text = fidelity.write_report(root, [TASK]).read_text()
+    assert "| **recovery** (default) | 1.00" in text
+    assert "| recovery[recovery_samples=9] | -1.00" in text
+    assert f"- {TASK.name}: ρ 1.00 against a goal of 0.80 (met); cost not measured" in text
+    assert (root / "plots" / f"{fidelity.task_dir_name(TASK)}.png").exists()
+
+
+def test_ground_truth_runs_once_and_is_validated(root):
+    ps = fidelity.PolicySet.load(root, TASK)
+    p = ps.policies[0]
+    assert fidelity.ground_truth_one(root, TASK, p.actions, 1) == "done"
+    assert fidelity.ground_truth_one(root, TASK, p.actions, 1) == "stored"
+    gt = fidelity.load_ground_truth(root, TASK)
+    assert set(gt) == {p.key} and 0.0 <= gt[p.key][1] <= 1.0
+    path = fidelity.ground_truth_path(root, TASK, p.key, 1)
+    d = json.loads(path.read_text())
+    d["test_accuracy"] = 1.7
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="not a valid ground-truth run"):
+        fidelity.load_ground_truth(root, TASK)

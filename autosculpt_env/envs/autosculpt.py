@@ -18,6 +18,7 @@ from ..budget import env_within_band
 from ..evaluation import (
     EVALUATIONS,
     RECOVERY_BATCH_SIZE,
+    RECOVERY_SAMPLES,
     REWARD_SAMPLES,
     AccuracyEvaluator,
     ProxyEvaluator,
@@ -190,10 +191,11 @@ class AutoSculptEnv(gym.Env):
       record states the counts used.
     * ``bn_recalibration_samples``: training images for batch-norm recalibration, default
       1024; 0 turns it off.
-    * ``evaluation``: ``accuracy`` (default), ``reconstruction``, ``recovery``,
-      ``reconstruction+recovery`` or ``proxy`` (:data:`autosculpt_env.evaluation.EVALUATIONS`).
+    * ``evaluation``: ``accuracy`` (the generic env's default), ``reconstruction``,
+      ``recovery`` (the zoo ids' default), ``reconstruction+recovery`` or ``proxy``
+      (:data:`autosculpt_env.evaluation.EVALUATIONS`).
     * ``recovery_samples``: training images of the ``recovery`` modes' short fine-tuning,
-      default ``None``: 2048, or the whole split when it holds fewer.
+      default ``None``: {RECOVERY_SAMPLES}, or the whole split when it holds fewer.
     * ``recovery_batch_size``: batch size of that fine-tuning (one pass, so
       ``recovery_samples / recovery_batch_size`` SGD steps), default
       {RECOVERY_BATCH_SIZE}.
@@ -718,10 +720,11 @@ def _document(doc: str) -> str:
         ),
         "{ENV_DEFAULTS}": ", ".join(f"``{k}={v!r}``" for k, v in ENV_DEFAULTS.items()),
         "{RECOVERY_BATCH_SIZE}": str(RECOVERY_BATCH_SIZE),
-        "{REWARD_SAMPLES}": str(REWARD_SAMPLES),
         "{LATENCY_TARGET}": "\n    ".join(textwrap.wrap(LATENCY_TARGET, 88)),
         "{LATENCY_BATCH_SIZE}": str(LATENCY_BATCH_SIZE),
         "{LATENCY_THREADS}": str(LATENCY_THREADS),
+        "{RECOVERY_SAMPLES}": str(RECOVERY_SAMPLES),
+        "{REWARD_SAMPLES}": str(REWARD_SAMPLES),
     }
     for key, text in parts.items():
         doc = doc.replace(key, text)

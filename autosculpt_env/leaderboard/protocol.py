@@ -13,8 +13,8 @@ The two tracks (:data:`TRACKS`) are fixed protocols:
   scored by the high-fidelity reward :data:`FAST_SCORE_EVALUATION` on the ``reward``
   split, whose agreement with the fine-tuned test accuracy the reward-fidelity table
   publishes (README, "Reward fidelity"). A row costs seconds: no fine-tuning.
-* ``full``: the search sees the env's default reward with the budget a CPU affords (50
-  reward evaluations) and 5 seeds; the best policy is fine-tuned with the fixed recipe and
+* ``full``: the search sees the env's default reward (:data:`DEFAULT_EVALUATION`) with the
+  budget a CPU affords (25 reward evaluations) and 5 seeds; the best policy is fine-tuned with the fixed recipe and
   scored by top-1 test accuracy, as in the first leaderboard.
 
 Each is sized to regenerate on 2 CPU cores in about 2 hours (``--jobs 2``; resumable, so it
@@ -31,7 +31,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from .. import data
+from .. import ENV_DEFAULTS, data
 from ..training import Recipe
 
 FINETUNE_SCORE = "finetune"
@@ -40,9 +40,12 @@ FINETUNE_SCORE = "finetune"
 FAST_SEARCH_EVALUATION = "proxy"
 """The reward the fast track's searches see: the shipped surrogate (``evaluation=``)."""
 
-FAST_SCORE_EVALUATION = "recovery"
-"""The reward that scores the fast track's best policies: the ``evaluation=`` mode whose
-ranking agrees best with the fine-tuned score in the reward-fidelity table (README)."""
+DEFAULT_EVALUATION: str = ENV_DEFAULTS["evaluation"]
+"""The registered ids' default reward (``evaluation=``), chosen by the reward-fidelity
+benchmark (README): the full track's searches see it and it scores the fast track."""
+
+FAST_SCORE_EVALUATION = DEFAULT_EVALUATION
+"""The reward that scores the fast track's best policies."""
 
 FLOPS_BAND = 0.05
 """How far past the target a best policy's FLOPs reduction may go (the env's default
@@ -286,9 +289,9 @@ FAST = Protocol(
 )
 FULL = Protocol(
     name="full",
-    budget=50,
+    budget=25,
     seeds=tuple(range(1, 6)),
-    evaluation="accuracy",
+    evaluation=DEFAULT_EVALUATION,
     score=FINETUNE_SCORE,
     flops_band=FLOPS_BAND,
 )
@@ -296,7 +299,7 @@ TRACKS: dict[str, Protocol] = {
     "fast": FAST,
     "full": FULL,
     "fast-large": replace(FAST, name="fast-large", budget=10_000, seeds=tuple(range(1, 21))),
-    "full-large": replace(FULL, name="full-large", budget=500, seeds=tuple(range(1, 11))),
+    "full-large": replace(FULL, name="full-large", budget=250, seeds=tuple(range(1, 11))),
 }
 """The fixed protocols by name. ``fast`` and ``full`` fit 2 CPU cores; the ``-large`` ones
 are for a GPU machine or a cluster (the same protocol, 10x the budget, more seeds)."""

@@ -800,6 +800,18 @@ def verdict(table: dict) -> str:
     )
 
 
+def proxy_verdict(table: dict) -> str:
+    """One line: the shipped surrogate's lowest held-out Spearman for the task, if any."""
+    from .surrogate import heldout_agreement
+
+    task = Task.parse(table["task"])
+    rho = heldout_agreement(task.env_id, task.target_flops_reduction)
+    if rho is None:
+        return f"{table['task']}: no surrogate of `{table['default']}` ships yet"
+    met = "met" if rho >= GOAL_SPEARMAN else f"short by {GOAL_SPEARMAN - rho:.2f}"
+    return f"{table['task']}: lowest held-out ρ {rho:.2f} ({met})"
+
+
 def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:
     """Everything the report shows for one task (computed from stored results only)."""
     ps = PolicySet.load(root, task)
@@ -899,6 +911,12 @@ def render_report(tables: list[dict]) -> str:
         f"at ≤ {GOAL_COST:.0f}× a bare forward):",
         "",
         *[f"- {verdict(t)}" for t in tables],
+        "",
+        "The proxy (`evaluation=\"proxy\"`, a surrogate of the default reward) against its goal "
+        f"(Spearman ≥ {GOAL_SPEARMAN} with the default reward on held-out policies, leave one "
+        "sampler out; `benchmarks/PROXY_FIDELITY.md`):",
+        "",
+        *[f"- {proxy_verdict(t)}" for t in tables],
     ]
     lines += [
         "",

@@ -218,7 +218,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     from . import data
     from . import finetune as ft
-    from .records import METRICS, compare_metrics, make_env, reward_function
+    from .records import METRICS, compare_metrics, make_env, reward_function, stored_params
     from .training import accuracy
 
     torch.set_num_threads(args.threads)
@@ -241,7 +241,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         actions = base.problem.actions_from_names(record.actions)
         # the output record shows measured numbers, never the input's: measure them all
         fresh = base.evaluate_policy(actions)
-        wrong = compare_metrics(record.metrics, fresh, reward_of=reward_function(base)(fresh))
+        wrong = compare_metrics(
+            record.metrics,
+            fresh,
+            reward_of=reward_function(base)(fresh),
+            stored=stored_params(base, actions),
+        )
         if wrong:
             raise ValueError(
                 f"{args.record}: the record's metrics disagree with its actions: "
@@ -357,8 +362,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         f"float64; onnxruntime vs torch {max(onnx_diffs.values()):.2e}"
     )
     print(
-        f"params: {m.params} (env reports {metrics['params']:.0f}; {m.dead_params} of those "
-        "only ever see a removed channel and were cut)"
+        f"params: {m.params} (env reports {metrics['params']:.0f}; {m.dead_params} more that "
+        "the masked network stores are held at zero or only ever see a removed channel: cut "
+        "or stored as zeros)"
     )
     print(
         f"torch latency at batch {args.batch_size}, {args.threads} thread(s): dense "

@@ -19,9 +19,19 @@ Conventions (FLOPs are per image, batch 1):
   its batch-norm shift, so its channel stays alive.
 * **Attention matmuls** (``q @ k^T``, ``attn @ v``) and everything else outside prunable
   layers stay dense: they are ``fixed_flops``.
-* **Parameters** of a layer are its kept weights plus one bias per output channel that
-  is not removed. Everything else (norms, embeddings, non-prunable layers, and the biases
-  of removed channels' batch norms) is ``fixed_params`` at its dense size.
+* **Parameters** are those the pruned network needs: every parameter that is neither held
+  at zero nor *dead* (:mod:`autosculpt_env.liveness`). Held at zero: masked weights, the
+  biases of removed channels and the scale and shift of their batch norms. Dead: weights
+  that only ever read an exactly-zero channel (consumers' weights on removed channels, also
+  across a residual add all of whose operands remove the channel, and non-prunable layers'
+  such as the classifier's), and the ``q``/``k`` rows and output-projection columns of
+  attention heads whose ``v`` rows are all removed. This is what the materialised network
+  stores (:func:`autosculpt_env.materialize.materialize`). The table's ``params`` entries are
+  a layer's kept weights plus one bias per output channel that is not removed, and
+  ``fixed_params`` everything else at its dense size; :meth:`CostTable.policy_params`
+  subtracts the policy's held-zero and dead parameters from their sum
+  (:meth:`CostTable.stored_params` is that sum, the count of records made before dead
+  parameters were subtracted).
 
 A consumer reads a layer's output through single-input operators, so it has exactly one
 producer: producer-consumer pairs form a forest, which makes the exact cost of a policy a
@@ -33,14 +43,45 @@ completion of a partial policy a small tree dynamic program
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
 from .graph import NetGraph
+from .liveness import Liveness, dead_params, kept_matrix
 from .patterns import Catalog
+
+
+class LiveParams:
+    """The held-zero and dead parameters of a policy (:mod:`autosculpt_env.liveness`), from
+    each (layer, action)'s kept weights per (row, input column), tabulated on first use.
+
+    Args:
+        graph: the network's graph.
+        masks: ``masks(i, a)``, layer ``i``'s keep-mask under action ``a``.
+    """
+
+    def __init__(self, graph: NetGraph, masks: Callable[[int, int], torch.Tensor | None]):
+        self.liveness = Liveness(graph)
+        self.layers = list(graph.layers)
+        self._masks = masks
+        self._kept: dict[tuple[int, int], np.ndarray] = {}
+        self._memo: dict[tuple[int, ...], int] = {}
+
+    def dead_params(self, actions: Sequence[int]) -> int:
+        key = tuple(int(a) for a in actions)
+        if key not in self._memo:
+            if len(self._memo) > 4096:
+                self._memo.clear()
+            kept = {}
+            for i, (name, a) in enumerate(zip(self.layers, key)):
+                if (i, a) not in self._kept:
+                    self._kept[i, a] = kept_matrix(self._masks(i, a))
+                kept[name] = self._kept[i, a]
+            self._memo[key] = self.liveness.count(self.liveness.run(kept), kept)
+        return self._memo[key]
 
 
 @dataclass
@@ -60,6 +101,8 @@ class CostTable:
         dense_params: parameters of the dense model.
         fixed_flops: FLOPs outside prunable layers.
         fixed_params: parameters outside prunable layers' weights and biases.
+        liveness: the graph's zero propagation and the masks, for the dead parameters of
+            a policy (``None``: nothing is subtracted).
     """
 
     layers: list[str]
@@ -71,6 +114,7 @@ class CostTable:
     dense_params: int
     fixed_flops: float
     fixed_params: float
+    liveness: LiveParams | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n_layers = len(self.layers)
@@ -132,7 +176,16 @@ class CostTable:
         return total
 
     def policy_params(self, actions: Sequence[int]) -> float:
-        """Exact parameters of a full policy."""
+        """Exact parameters a full policy's pruned network needs (see the module conventions):
+        :meth:`stored_params` less the held-zero and dead parameters."""
+        stored = self.stored_params(actions)
+        if self.liveness is None:
+            return stored
+        return stored - float(self.liveness.dead_params([int(a) for a in actions]))
+
+    def stored_params(self, actions: Sequence[int]) -> float:
+        """Kept weights, biases of channels not removed, and every other parameter at its
+        dense size (the ``params`` of records made before dead parameters were subtracted)."""
         acts = self._check(actions, full=True)
         return self.fixed_params + sum(float(self.params[i, a]) for i, a in enumerate(acts))
 
@@ -318,6 +371,7 @@ def build_cost_table(
         dense_params=graph.dense_params,
         fixed_flops=float(graph.dense_flops - prunable_flops),
         fixed_params=float(graph.dense_params - prunable_params),
+        liveness=LiveParams(graph, masks),
     )
 
 
@@ -345,8 +399,9 @@ def masked_flops(graph: NetGraph, masks: dict[str, torch.Tensor]) -> float:
     return total
 
 
-def masked_params(graph: NetGraph, masks: dict[str, torch.Tensor]) -> float:
-    """Parameters of the network with the given masks (see the module conventions)."""
+def masked_params(graph: NetGraph, masks: dict[str, torch.Tensor], live: bool = True) -> float:
+    """Parameters of the network with the given masks (see the module conventions; without
+    ``live``, the stored count, dead and held-zero parameters included)."""
     total = float(graph.dense_params)
     for name in graph.layers:
         module = graph.module(name)
@@ -358,4 +413,10 @@ def masked_params(graph: NetGraph, masks: dict[str, torch.Tensor]) -> float:
             else mask.detach().to("cpu", torch.bool)
         )
         total += _layer_params(module, mask)
+    if live:
+        full = {
+            name: masks.get(name, torch.ones_like(graph.module(name).weight, dtype=torch.bool))
+            for name in graph.layers
+        }
+        total -= dead_params(graph, full)
     return total

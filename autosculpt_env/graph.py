@@ -114,6 +114,12 @@ class Node:
         flops: dense FLOPs of one image (2 x MACs) as ``FlopCounterMode`` counts them.
         params: parameters owned by the node's module (or the parameter a ``get_attr``
             node reads); 0 for functions.
+        inputs: the nodes of its tensor operands, in argument order; ``-1`` for an operand
+            that is no node (a tuple's element: ``torch.chunk``).
+        axis_map: input axis -> output axis, for the axes of its first tensor operand that
+            land whole in its output.
+        zero_ok: whether it maps an all-zero first operand to an all-zero output (tested on
+            the example; ``False`` where not tested: layers, norms, matmuls, concat).
     """
 
     index: int
@@ -125,6 +131,9 @@ class Node:
     out_shape: tuple[int, ...]
     flops: int
     params: int
+    inputs: tuple[int, ...] = ()
+    axis_map: dict[int, int] = field(default_factory=dict)
+    zero_ok: bool = False
 
 
 @dataclass
@@ -789,6 +798,13 @@ def build_graph(
             elif info.get(p, {}).get("carries"):
                 out.extend(producers(p))
         return list(dict.fromkeys(out))
+
+    for n, idx in kept.items():
+        i = info.get(n, {})
+        nodes[idx].axis_map = dict(i.get("axis_map", {}))
+        nodes[idx].zero_ok = bool(i.get("zero_ok", False))
+        operands = [p for p in n.all_input_nodes if info.get(p, {}).get("carries")]
+        nodes[idx].inputs = tuple(kept.get(p, -1) for p in operands)
 
     # Data-flow edges. The skip operands of an add are all its activation operands but the
     # deepest one (longest path from the input; the main branch, ties to the most recently

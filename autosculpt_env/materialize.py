@@ -33,6 +33,11 @@ whose outputs are the same (up to float32 rounding):
   sparsity have no dense-engine speedup on CPU (they need the PatDNN compiler or sparse
   tensor cores), so such layers are exported as dense layers with zeros, and
   :attr:`Materialized.masked_layers` says so.
+* **Dead parameters** (:mod:`autosculpt_env.liveness`: weights that only ever multiply an
+  exactly-zero channel, ``q``/``k`` rows of heads whose ``v`` rows are removed) are zeroed
+  and masked first, so they are cut with their channel where it can be cut and stored as
+  zeros where not. The network then needs exactly the parameters the env's ``params``
+  counts (:attr:`Materialized.params`).
 
 A materialised network is a plain ``nn.Module`` (the original classes with smaller layers,
 plus :class:`PatternConv2d`); it exports to ONNX with :func:`export_onnx`.
@@ -49,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import NetGraph, build_graph
+from .liveness import Liveness, kept_matrix
 from .patterns import attention_role
 
 
@@ -141,12 +147,15 @@ class Materialized:
         masked_layers: layers exported as dense layers holding zeros, with the reason.
         runtime_permutations: pattern layers whose channel order is restored at run time.
         kept_groups: Torch-Pruning groups whose removed channels had to stay (and why).
-        stored_zeros: parameters the network stores that are zero by the masks (the masked
-            layers' zeros, zero rows that could not be cut).
-        dead_params: parameters the env's ``params`` still counts that were cut because they
-            only ever see a removed channel: consumers' weights on removed input channels,
-            removed channels' batch-norm scale and shift, ``q``/``k`` rows of removed heads.
-            ``params + dead_params`` equals the env's ``params``.
+        stored_zeros: parameters the network stores as zeros: masked weights, zero rows and
+            held-at-zero batch-norm entries that could not be cut, and dead weights that
+            could not be cut (zeroed: they only ever multiply an exact zero).
+        dead_params: parameters the masked network stores, unmasked, that the materialised
+            one does not need: held at zero (removed channels' batch-norm scale and shift) or
+            dead (:mod:`autosculpt_env.liveness`: consumers' weights on exactly-zero
+            channels, ``q``/``k`` rows of removed heads ...); cut, or stored as zeros.
+            ``params + dead_params`` is the masked network's stored count
+            (:meth:`autosculpt_env.cost.CostTable.stored_params`).
         max_abs_diff: largest ``|materialised - masked|`` output difference on the check
             inputs, both in float32.
         max_abs_diff_float64: the same with both networks in float64 (rounding aside, the
@@ -168,7 +177,8 @@ class Materialized:
 
     @property
     def params(self) -> int:
-        """Parameters the materialised network needs: stored ones minus stored zeros."""
+        """Parameters the materialised network needs: stored ones minus stored zeros. Equal
+        to the env's ``params`` of the policy (:mod:`autosculpt_env.cost`)."""
         return sum(p.numel() for p in self.model.parameters()) - self.stored_zeros
 
     def summary(self) -> str:
@@ -215,8 +225,8 @@ _PASS_OPS = {"batch_norm", "activation", "dropout", "pool", "flatten", "reshape"
 
 
 def _env_counted(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> int:
-    """Parameters as the env counts them (:mod:`autosculpt_env.cost`): kept weights, biases
-    of channels not removed, every other parameter at its stored size."""
+    """Parameters the masked network stores less masked weights and removed channels'
+    biases (:meth:`autosculpt_env.cost.CostTable.stored_params`)."""
     total = sum(p.numel() for p in model.parameters())
     for name, mask in masks.items():
         module = model.get_submodule(name)
@@ -224,6 +234,36 @@ def _env_counted(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> int:
         if getattr(module, "bias", None) is not None:
             total -= int(_removed_rows(mask).sum())
     return total
+
+
+def _zero_dead(model: nn.Module, masks: dict[str, torch.Tensor], graph: NetGraph) -> None:
+    """Zero the dead weights and dead-head biases (:mod:`autosculpt_env.liveness`) of the
+    network and mask them: they multiply exact zeros, so the outputs stay the same, and what
+    cannot be cut below is stored as zeros."""
+    liveness = Liveness(graph)
+    dead = liveness.run({name: kept_matrix(m) for name, m in masks.items()})
+    with torch.no_grad():
+        for name in dead.inputs.keys() | dead.rows.keys():
+            d = liveness.dead_weights(dead, name)
+            module = model.get_submodule(name)
+            module.weight[d] = 0.0
+            masks[name] = masks[name] & ~d
+            rows = dead.rows.get(name)
+            if rows is not None and module.bias is not None:
+                module.bias[torch.as_tensor(rows)] = 0.0
+
+
+def _held_norms(model: nn.Module, graph: NetGraph, layer: str, mask: torch.Tensor) -> int:
+    """Scale and shift entries held at zero in the batch norms of ``layer``'s removed
+    channels that were not cut."""
+    removed = _removed_rows(mask)
+    count = 0
+    for bn in graph.batch_norms(layer):
+        m = model.get_submodule(bn)
+        if getattr(m, "affine", False) and m.weight.shape[0] == removed.shape[0]:
+            held = (m.weight.detach() == 0) & (m.bias.detach() == 0)
+            count += 2 * int((held & removed).sum())
+    return count
 
 
 def _removed_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -462,8 +502,11 @@ def _pattern_plan(module: nn.Module, mask: torch.Tensor) -> list[tuple] | None:
         or module.padding_mode != "zeros"
     ):
         return None
-    first = mask[:, :1]
-    if not bool((mask == first).all()):
+    # input channels no filter reads (dead ones, masked everywhere) do not decide the pattern
+    live = mask.any(dim=(0, 2, 3))
+    sub = mask[:, live] if bool(live.any()) else mask[:, :1]
+    first = sub[:, :1]
+    if not bool((sub == first).all()):
         return None
     blocks = []
     for kernel in first[:, 0]:
@@ -674,9 +717,9 @@ def materialize(
     result = Materialized(model=model)
 
     counted = _env_counted(model, full)
+    _zero_dead(model, full, graph)
     full = _cut_channels(model, graph, full, example, result.kept_groups)
     heads_kept = _cut_heads(model, full, result.layers)
-    result.dead_params = counted - _env_counted(model, full)
 
     # Patterns, in topological order (a layer's consumers come later, so folding into their
     # input channels happens before they are themselves rebuilt).
@@ -684,6 +727,7 @@ def materialize(
     for name in graph.layers:
         module = model.get_submodule(name)
         mask = full[name]
+        zeros += _held_norms(model, graph, name, mask)
         note = f"{widths[name]} -> {module.weight.shape[0]} outputs"
         blocks = _pattern_plan(module, mask)
         patterned = blocks is not None and any(b not in (None, (0, 0, 3, 3)) for b in blocks)
@@ -756,6 +800,7 @@ def materialize(
                 note += f"; {why}"
         result.layers[name] = result.layers.get(name, "") + note if name in result.layers else note
     result.stored_zeros = zeros
+    result.dead_params = counted - result.params
 
     model.eval()
     with torch.no_grad():

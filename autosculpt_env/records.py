@@ -43,6 +43,10 @@ OPTIONAL_METRICS = ("latency_reduction",)
 COST_METRICS = ("flops", "params", "flops_reduction", "params_reduction", "pruning_rate")
 EXACT_TOLERANCE = 1e-9
 
+#: metrics that records made before dead parameters were subtracted count the stored way
+#: (:meth:`autosculpt_env.cost.CostTable.stored_params`); such records still check
+STORED_PARAMS_METRICS = ("params", "params_reduction")
+
 _FIELDS = (
     "env_id",
     "env_kwargs",
@@ -360,7 +364,9 @@ def check_fits(record: EpisodeRecord, env) -> list[int]:
     base = env.unwrapped
     actions = check_fits_layers(record, base)
     measured = cost_metrics(base, actions)
-    errors = compare_metrics(record.metrics, measured, keys=COST_METRICS)
+    errors = compare_metrics(
+        record.metrics, measured, keys=COST_METRICS, stored=stored_params(base, actions)
+    )
     if errors:
         raise ValueError(
             "the record's metrics do not follow from its actions: " + "; ".join(errors)
@@ -381,12 +387,20 @@ def cost_metrics(base, actions: list[int]) -> dict:
     }
 
 
+def stored_params(base, actions: list[int]) -> dict:
+    """:data:`STORED_PARAMS_METRICS` of a policy counted the way records made before dead
+    parameters were subtracted count them."""
+    stored = base.problem.cost.stored_params(actions)
+    return {"params": float(stored), "params_reduction": float(1.0 - stored / base.dense_params)}
+
+
 def compare_metrics(
     recorded: dict,
     measured: dict,
     accuracy_tolerance: float = 1e-3,
     keys=METRICS,
     reward_of=None,
+    stored: dict | None = None,
 ) -> list[str]:
     """Disagreements between recorded and measured metrics, one string each.
 
@@ -394,9 +408,18 @@ def compare_metrics(
     ``accuracy_tolerance``. The reward is checked two ways when ``reward_of`` (the env's
     reward as a function of accuracy) is given: the recorded reward must be the reward of
     the recorded accuracy (to :data:`EXACT_TOLERANCE`), and within ``accuracy_tolerance``
-    times the reward's slope of the measured one.
+    times the reward's slope of the measured one. Given ``stored`` (:func:`stored_params`),
+    a record whose :data:`STORED_PARAMS_METRICS` all equal the stored count (one made before
+    dead parameters were subtracted) is checked against those instead.
     """
     errors = []
+    if stored is not None and all(
+        _is_number(recorded.get(k))
+        and abs(recorded[k] - stored[k])
+        <= EXACT_TOLERANCE * (max(1.0, abs(stored[k])) if k == "params" else 1.0)
+        for k in STORED_PARAMS_METRICS
+    ):
+        measured = {**measured, **stored}
     for k in keys:
         rec, got = recorded.get(k), measured.get(k)
         if not _is_number(rec) or not _is_number(got):
@@ -476,9 +499,12 @@ def replay(record: EpisodeRecord, accuracy_tolerance: float = 1e-3, **overrides)
             measured = {**info, "latency_reduction": record.metrics["latency_reduction"]}
             measured["reward"] = reward_function(base)(measured)(info["accuracy"])
         reward_of = reward_function(base)(measured)
+        stored = stored_params(base, policy)
     finally:
         env.close()
-    errors += compare_metrics(record.metrics, measured, accuracy_tolerance, reward_of=reward_of)
+    errors += compare_metrics(
+        record.metrics, measured, accuracy_tolerance, reward_of=reward_of, stored=stored
+    )
     if errors:
         raise _named(record, ValueError("replay disagrees with the record: " + "; ".join(errors)))
     return info

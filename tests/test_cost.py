@@ -119,9 +119,11 @@ def test_removed_filter_kills_consumer_columns():
     uses = graph.node(last).flops // (2 * weights)
     expected = graph.dense_flops - 2 * uses * 2 * graph.module(last).weight[0].numel() - 2 * 2 * 10
     assert masked_flops(graph, masks) == expected
-    assert (
-        masked_params(graph, masks) == graph.dense_params - 2 * graph.module(last).weight[0].numel()
-    )
+    stored = graph.dense_params - 2 * graph.module(last).weight[0].numel()
+    assert masked_params(graph, masks, live=False) == stored
+    # what the pruned network needs: also not the two dead classifier columns (10 weights
+    # each) nor the scale and shift the batch norm holds at zero on the two channels
+    assert masked_params(graph, masks) == stored - 2 * 10 - 2 * 2
     pair = graph.layers.index(last), graph.layers.index(classifier)
     dead = problem.table.dead[pair]
     assert dead.shape == (10, 10) and dead[0].max() == 0 and (dead[9] > 0).all()

@@ -28,15 +28,23 @@ def _uniform(problem, a: int) -> list[int]:
     return [a if problem.valid[i, a] else problem.dense_action for i in range(problem.num_layers)]
 
 
+def _metrics(base, policy) -> dict:
+    return {
+        **base.evaluate_policy(policy),
+        "stored_params": base.problem.cost.stored_params(policy),
+    }
+
+
 def _check(m, info: dict) -> None:
     # structurally the same function: float64 agrees to rounding; float32 within 1e-5 or
     # within the masked network's own float32 error (a different summation order)
     assert m.max_abs_diff_float64 <= 1e-9
     assert m.max_abs_diff <= max(1e-5, 2 * m.float32_noise)
-    # every parameter is accounted for: what the network needs plus what was cut because
-    # it only ever saw a removed channel is what the env reports
-    assert m.params + m.dead_params == round(info["params"])
-    assert m.params <= info["params"]
+    # the materialised network stores exactly the parameters the env counts; with those it
+    # cut or zeroed (held at zero, or only ever seeing a removed channel) they make up what
+    # the masked network stores
+    assert m.params == round(info["params"])
+    assert m.params + m.dead_params == round(info["stored_params"])
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
@@ -48,7 +56,7 @@ def test_every_autosculpt_action_on_digits_twins(env_id, images):
     for a in range(p.num_actions):
         policy = _uniform(p, a)
         m = mat.materialize_policy(env, policy, check_inputs=images)
-        _check(m, base.evaluate_policy(policy))
+        _check(m, _metrics(base, policy))
         n = sum(x.numel() for x in m.model.parameters())
         smaller += n < p.graph.dense_params
     assert smaller >= p.num_actions - 2  # the dense action (and maybe level_0.1) aside
@@ -74,7 +82,7 @@ def test_other_catalogs(env_id, catalog, images):
     for a in range(p.num_actions):
         policy = _uniform(p, a)
         m = mat.materialize_policy(env, policy, check_inputs=images)
-        _check(m, base.evaluate_policy(policy))
+        _check(m, _metrics(base, policy))
         heads += [x.num_heads for x in m.model.modules() if hasattr(x, "num_heads")]
         if catalog in ("patdnn", "nm") and a != p.dense_action:
             assert m.masked_layers  # said plainly: exported masked
@@ -140,7 +148,8 @@ def test_residual_concat_grouped_depthwise(catalog, images):
                 split_depthwise=split,
             )
             assert m.max_abs_diff_float64 <= 1e-9
-            assert m.params + m.dead_params == round(p.policy_params(policy))
+            assert m.params == round(p.policy_params(policy))
+            assert m.params + m.dead_params == round(p.cost.stored_params(policy))
     # at a high level the lone 3x3 convolutions really are split into dense parts
     assert catalog != "autosculpt" or any(isinstance(x, PatternConv2d) for x in m.model.modules())
 
@@ -174,7 +183,7 @@ def test_onnx_round_trip_and_export_command(tmp_path, images):
         assert (out / f).exists(), f
     report = json.loads((out / "report.json").read_text())
     assert report["max_abs_diff_float64"] <= 1e-9
-    assert report["params_materialised"] + report["dead_params"] == round(report["params_env"])
+    assert report["params_materialised"] == round(report["params_env"])
     # the ONNX files run in onnxruntime and agree with torch
     m = mat.materialize_policy(
         gym.make("AutoSculpt-ResNet", dataset="digits", reward_samples=100), policy

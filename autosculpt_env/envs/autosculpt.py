@@ -167,9 +167,12 @@ class AutoSculptEnv(gym.Env):
     every finished episode and ``evaluate_policy`` call counts one, and one past the
     budget's limit raises ``BudgetExhausted`` before anything is scored);
     ``env.unwrapped.episode_record()`` returns a replayable
-    :class:`~autosculpt_env.records.EpisodeRecord`, stamped with that count. With a
-    latency table (``target_latency_reduction`` or ``latency_batch_size`` given) it also
-    adds ``latency_reduction``, ``1 - latency(pruned) / latency(dense)`` predicted by the
+    :class:`~autosculpt_env.records.EpisodeRecord`, stamped with that count. ``params``
+    counts the parameters the pruned network needs: not those held at zero nor those that
+    only ever multiply an exactly-zero channel (:mod:`autosculpt_env.cost`), i.e. what
+    :func:`~autosculpt_env.materialize.materialize` stores. With a latency table
+    (``target_latency_reduction`` or ``latency_batch_size`` given) the terminal ``info``
+    also adds ``latency_reduction``, ``1 - latency(pruned) / latency(dense)`` predicted by the
     table (:mod:`autosculpt_env.latency`): deterministic given the table, but the table is
     measured on this machine, so the value is platform dependent (the record names the
     table it came from, and replays compare it only against the same table).

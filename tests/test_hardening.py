@@ -186,7 +186,17 @@ def _half_catalog(first: bool) -> Catalog:
     return Catalog("test-same-name", (get_catalog("autosculpt").actions[0], half))
 
 
-def test_catalog_name_registered_again_is_not_served_stale_masks():
+@pytest.fixture
+def unregister_catalogs(monkeypatch):
+    """Catalogs a test registers are gone after it (other tests list the registry)."""
+    from autosculpt_env import patterns
+    from autosculpt_env.envs import autosculpt as envmod
+
+    monkeypatch.setattr(patterns, "CATALOGS", dict(patterns.CATALOGS))
+    monkeypatch.setattr(envmod, "_SHARED", dict(envmod._SHARED))
+
+
+def test_catalog_name_registered_again_is_not_served_stale_masks(unregister_catalogs):
     from autosculpt_env.patterns import register_catalog
 
     kw = dict(dataset="digits", catalog="test-same-name", evaluation="accuracy")

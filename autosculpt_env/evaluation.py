@@ -75,6 +75,7 @@ def unused_settings(mode: str) -> set[str]:
     parts = set(mode.split("+"))
     return {name for part, names in MODE_SETTINGS.items() if part not in parts for name in names}
 
+
 REWARD_SAMPLES = 2048
 """Reward-split images an evaluation scores unless told otherwise (the whole split when it
 holds fewer: the digits twins' holds 120)."""

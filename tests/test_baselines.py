@@ -22,7 +22,10 @@ from autosculpt_env.budget import LEDGER_ENV, MAX_ENV, within_band
 from autosculpt_env.records import EpisodeRecord, replay
 
 ROOT = Path(__file__).resolve().parents[1]
+# the plain accuracy reward keeps these runs fast (the loop and the budget are what is
+# tested); one run below keeps the id's own default reward (recovery)
 COMMON = ["--env-id", "AutoSculpt-ResNet", "--dataset", "digits", "--no-progress", "--threads", "1"]
+FAST = ["--evaluation", "accuracy"]
 
 # (run id, agent file, extra arguments, budget, whether the agent must spend all of it)
 RUNS = [
@@ -38,6 +41,8 @@ RUNS = [
 # agent is tested without an edit here
 AGENTS = sorted(p.stem for p in (ROOT / "agents").glob("*.py"))
 RUNS += [(name, name, [], 8, False) for name in AGENTS if name not in {r[1] for r in RUNS}]
+DEFAULT_REWARD_RUN = ("random_search-default-reward", "random_search", [], 3, True)
+RUNS = [(i, a, FAST + extra, b, s) for i, a, extra, b, s in RUNS] + [DEFAULT_REWARD_RUN]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +72,8 @@ def test_agent_writes_a_replayable_best_episode(runs, run_id):
     info = replay(record)
     target = record.env_kwargs["target_flops_reduction"]
     assert record.env_kwargs["reward"] == "budget"
+    expected = "recovery" if run_id == DEFAULT_REWARD_RUN[0] else "accuracy"
+    assert record.env_kwargs["evaluation"] == expected
     assert record.metrics["flops_reduction"] >= target - 1e-12
     assert info["flops_reduction"] >= target - 1e-12
     tolerance = record.env_kwargs["band_tolerance"]

@@ -1,5 +1,6 @@
-"""Does PPO-GNN learn? In proxy mode on the digits twin of AutoSculpt-ResNet, its best reward
-after a fixed small budget beats random search's at the same budget, on average over 3 seeds."""
+"""Does PPO-GNN learn? On the digits twin of AutoSculpt-ResNet with the plain accuracy reward
+(milliseconds per evaluation there), its best reward after a fixed small budget beats random
+search's at the same budget, on average over 3 seeds."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _command(agent: str, seed: int, out: Path) -> list[str]:
         str(ROOT / "agents" / f"{agent}.py"),
         "--env-id", "AutoSculpt-ResNet",
         "--dataset", "digits",
-        "--evaluation", "proxy",
+        "--evaluation", "accuracy",
         "--max-reward-evaluations", str(BUDGET),
         "--seed", str(seed),
         "--threads", "1",

@@ -199,13 +199,18 @@ def test_surrogate_refuses_another_configuration_or_target(cache):
 
 
 def test_proxy_stands_for_the_registered_default(monkeypatch):
-    assert sg.proxied_mode("vgg11", "autosculpt") == "accuracy"
+    assert sg.proxied_mode("vgg11", "autosculpt") == autosculpt_env.ENV_DEFAULTS["evaluation"]
+    monkeypatch.setitem(
+        autosculpt_env.REGISTERED_CONFIGS,
+        "AutoSculpt-VGG",
+        {**autosculpt_env.REGISTERED_CONFIGS["AutoSculpt-VGG"], "evaluation": "reconstruction"},
+    )
+    assert sg.proxied_mode("vgg11", "autosculpt") == "reconstruction"
     monkeypatch.setitem(
         autosculpt_env.REGISTERED_CONFIGS,
         "AutoSculpt-VGG",
         {**autosculpt_env.REGISTERED_CONFIGS["AutoSculpt-VGG"], "evaluation": "recovery"},
     )
-    assert sg.proxied_mode("vgg11", "autosculpt") == "recovery"
     assert sg.proxied_mode("vgg11", "patdnn") == "accuracy"  # no registered id: env default
     assert sg.proxied_mode("Tiny", "autosculpt") == "accuracy"
     env = gym.make("AutoSculpt-VGG", dataset="digits", reward_samples=32)
@@ -318,14 +323,18 @@ def test_leave_one_sampler_out_holds_each_sampler_out(monkeypatch):
 
 
 # ------------------------------------------------------------------- the env's proxy
+SMALL = {"reward_samples": 64, "recovery_samples": 32}  # a cheap default reward to stand for
+
+
 @pytest.mark.parametrize("env_id", TWINS)
 def test_proxy_episode_on_every_digits_twin(cache, env_id):
-    env = gym.make(env_id, dataset="digits", evaluation="proxy", reward_samples=64)
+    env = gym.make(env_id, dataset="digits", evaluation="proxy", **SMALL)
     base = env.unwrapped
     proxy = base._reward_evaluator
-    assert isinstance(proxy, ProxyEvaluator) and proxy.mode == "accuracy"
+    assert isinstance(proxy, ProxyEvaluator)
+    assert proxy.mode == autosculpt_env.REGISTERED_CONFIGS[env_id]["evaluation"]
     assert proxy.identity["sha256"] == zoo.sha256(proxy.surrogate.path)
-    assert proxy.key == sg.env_key(gym.make(env_id, dataset="digits", reward_samples=64))[0]
+    assert proxy.key == sg.env_key(gym.make(env_id, dataset="digits", **SMALL))[0]
     rng = np.random.default_rng(0)
     _, info = env.reset(seed=0)
     done = False
@@ -333,7 +342,9 @@ def test_proxy_episode_on_every_digits_twin(cache, env_id):
         _, reward, done, _, info = env.step(int(rng.choice(np.flatnonzero(info["action_mask"]))))
     assert 0.0 <= info["accuracy"] <= 1.0 and reward == info["accuracy"]
     dense = base.evaluate_policy([base.problem.dense_action] * base.num_layers)
-    assert dense["accuracy"] == info["dense_accuracy"] == base.evaluator.dense_accuracy
+    # the proxy answers the dense policy with what the mode it stands for gives it
+    proxied = gym.make(env_id, dataset="digits", **SMALL).unwrapped._reward_evaluator
+    assert dense["accuracy"] == info["dense_accuracy"] == proxied.dense_accuracy
     fits = list((cache / "surrogate" / "fits").glob("*.npz"))
     assert len(fits) == 1
     # a second process (here: a cleared memo) loads the fit instead of collecting again
@@ -341,16 +352,20 @@ def test_proxy_episode_on_every_digits_twin(cache, env_id):
 
     envmod._SHARED.clear()
     mtime = fits[0].stat().st_mtime_ns
-    again = gym.make(env_id, dataset="digits", evaluation="proxy", reward_samples=64)
+    again = gym.make(env_id, dataset="digits", evaluation="proxy", **SMALL)
     assert fits[0].stat().st_mtime_ns == mtime
     assert again.unwrapped.evaluate_policy(info["policy"])["accuracy"] == info["accuracy"]
     # another target: another surrogate, fitted on that target's policies
-    gym.make(env_id, dataset="digits", evaluation="proxy", reward_samples=64,
-             target_flops_reduction=0.3)  # fmt: skip
+    gym.make(env_id, dataset="digits", evaluation="proxy", target_flops_reduction=0.3, **SMALL)
     assert len(list((cache / "surrogate" / "fits").glob("*.npz"))) == 2
 
 
 def test_heldout_agreement_reads_the_manifest(tmp_path, monkeypatch, cache):
+    monkeypatch.setitem(  # the surrogate below is fitted for accuracy: make that the default
+        autosculpt_env.REGISTERED_CONFIGS,
+        "AutoSculpt-VGG",
+        {**autosculpt_env.REGISTERED_CONFIGS["AutoSculpt-VGG"], "evaluation": "accuracy"},
+    )
     problem, plain = _problem()
     s, _ = _build(problem, plain)
     sg.ship(s, "AutoSculpt-VGG", folder=tmp_path)

@@ -273,7 +273,7 @@ def test_finetune_refuses_metrics_that_do_not_follow_from_actions(record, env, t
 # ------------------------------------------------ 9. a search that produced nothing
 def test_agent_that_finishes_no_episode_fails(tmp_path, monkeypatch, capsys):
     argv = ["random_search.py", "--env-id", "AutoSculpt-ResNet", "--dataset", "digits"]
-    argv += ["--evaluation", "proxy", "--num-episodes", "0", "--threads", "1"]
+    argv += ["--evaluation", "accuracy", "--num-episodes", "0", "--threads", "1"]
     argv += ["--no-progress", "--output-dir", str(tmp_path), "--run-name", "r"]
     monkeypatch.setattr(sys, "argv", argv)
     threads = torch.get_num_threads()

@@ -169,9 +169,16 @@ def test_band_log_flops_and_tradeoff_formulas():
             assert seen_out  # random policies mostly miss the band
 
 
-def test_non_terminal_steps_do_not_run_the_model_and_policies_are_memoised():
-    env = gym.make("AutoSculpt-ResNet", dataset="digits", bn_recalibration_samples=64)
-    ev = env.unwrapped.evaluator
+@pytest.mark.parametrize("mode", ["accuracy", "recovery"])
+def test_non_terminal_steps_do_not_run_the_model_and_policies_are_memoised(mode):
+    env = gym.make(
+        "AutoSculpt-ResNet",
+        dataset="digits",
+        bn_recalibration_samples=64,
+        evaluation=mode,
+        recovery_samples=32,
+    )
+    ev = env.unwrapped.reward_evaluator
     _, info = env.reset(seed=0)
     before = ev.num_forward
     policy = []

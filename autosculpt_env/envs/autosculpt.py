@@ -413,6 +413,12 @@ class AutoSculptEnv(gym.Env):
 
     # ------------------------------------------------------------------ properties
     @property
+    def reward_evaluator(self):
+        """The evaluator behind the reward (its ``evaluation=`` mode): ``policy -> accuracy``,
+        memoised. ``evaluator`` is always the plain masked-accuracy one."""
+        return self._reward_evaluator
+
+    @property
     def action_names(self) -> list[str]:
         """Names of the catalog's actions (index = action)."""
         return list(self._action_names)
@@ -654,11 +660,16 @@ class AutoSculptEnv(gym.Env):
         return m
 
     def pruned_model(self, policy: Sequence[int] | Sequence[str]) -> nn.Module:
-        """A new ``nn.Module``: the network with the policy's masks applied, removed channels
-        zeroed and batch-norm statistics recalibrated (the network the reward scored)."""
+        """A new ``nn.Module``: the network the reward scored. The policy's masks applied,
+        removed channels zeroed, for the ``recovery`` modes the short masked fine-tuning (for
+        ``reconstruction`` the refitted weights), and batch-norm statistics recalibrated. In
+        ``proxy`` mode, which scores no network, the masked and recalibrated one."""
         idx = self.problem.policy_indices(policy)
         self.problem.check_policy(idx)
-        return self.evaluator.calibrated_model(idx)
+        scorer = self.reward_evaluator
+        if not hasattr(scorer, "calibrated_model"):  # the proxy
+            scorer = self.evaluator
+        return scorer.calibrated_model(idx)
 
     def _record(self, metrics: dict) -> EpisodeRecord:
         env_id = self.spec.id if self.spec is not None else "AutoSculpt-v0"

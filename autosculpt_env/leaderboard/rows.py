@@ -512,7 +512,7 @@ def _rederive(row: dict, record: EpisodeRecord, tolerance: float, full: bool) ->
                     f"search_reward {row['search_reward']} != this installation's {here} (the "
                     "search saw another surrogate)"
                 )
-        close("reward_accuracy_measured", float(base.evaluator(actions)))
+        close("reward_accuracy_measured", float(base.reward_evaluator(actions)))
         if not protocol.finetunes:
             fresh = score_reward(record, protocol.score)
             close("score", fresh["score"])

@@ -283,10 +283,10 @@ def score(
         base = env.unwrapped
         actions = base.problem.actions_from_names(record.actions)
         flops = base.problem.policy_flops(actions)
-        measured = float(base.evaluator(actions))
+        measured = float(base.reward_evaluator(actions))  # the reward the search saw
         if flops != m["flops"]:
             raise AgentError(f"record FLOPs {m['flops']} != {flops}")
-        if protocol.evaluation == "accuracy" and abs(measured - m["accuracy"]) > 1e-3:
+        if abs(measured - m["accuracy"]) > 1e-3:
             raise AgentError(f"record accuracy {m['accuracy']} != measured {measured}")
         out = {
             "search_reward": search_reward_identity(env),

@@ -39,7 +39,6 @@ import json
 import os
 import random
 import socket
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ import numpy as np
 
 from .leaderboard import TASKS, Task, git_commit, load_rows
 from .readme_blocks import update_block
+from .records import atomic_write_text
 
 GROUND_TRUTH_SEEDS: tuple[int, ...] = (1, 2)
 """Fine-tuning seeds of the ground truth (the leaderboard seeds fine-tuning with its run's
@@ -68,18 +68,8 @@ def policy_key(actions: Sequence[str]) -> str:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    """Write JSON under a temporary name in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (:func:`autosculpt_env.records.atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def read_json(path: Path, what: str):
@@ -652,7 +642,9 @@ def compute_rewards(
         env.close()
         raise ValueError(
             f"{path}: computed with other env settings than {mode!r} has now ("
-            + ", ".join(f"{k}: {stored[k]!r} there, {base.env_kwargs[k]!r} now" for k in sorted(differ))
+            + ", ".join(
+                f"{k}: {stored[k]!r} there, {base.env_kwargs[k]!r} now" for k in sorted(differ)
+            )
             + "); rename it to a candidate that spells its settings, e.g. "
             f"'{parse_candidate(mode)[0]}[{sorted(differ)[0]}={stored[sorted(differ)[0]]}]', or delete it"
         )
@@ -912,7 +904,7 @@ def render_report(tables: list[dict]) -> str:
         "",
         *[f"- {verdict(t)}" for t in tables],
         "",
-        "The proxy (`evaluation=\"proxy\"`, a surrogate of the default reward) against its goal "
+        'The proxy (`evaluation="proxy"`, a surrogate of the default reward) against its goal '
         f"(Spearman ≥ {GOAL_SPEARMAN} with the default reward on held-out policies, leave one "
         "sampler out; `benchmarks/PROXY_FIDELITY.md`):",
         "",
@@ -977,9 +969,7 @@ def plot_task(root: Path, task: Task, modes: Sequence[str], out: Path) -> Path |
 def reported_modes(root: Path, tasks: Iterable[Task]) -> list[str]:
     """:data:`MODES_REPORTED`, then every other candidate with stored rewards for a task."""
     stored = {
-        f.stem
-        for t in tasks
-        for f in (Path(root) / task_dir_name(t) / "rewards").glob("*.json")
+        f.stem for t in tasks for f in (Path(root) / task_dir_name(t) / "rewards").glob("*.json")
     }
     return list(MODES_REPORTED) + sorted(stored - set(MODES_REPORTED))
 

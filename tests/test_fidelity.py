@@ -77,9 +77,12 @@ def test_each_mode_ignores_only_the_settings_it_does_not_read():
 
 
 def test_rewards_resume_and_refuse_other_settings(root):
+    from autosculpt_env.records import default_file_mode
+
     d = fidelity.compute_rewards(root, TASK, "accuracy", progress=False)
-    assert len(d["values"]) == 4 and all(0.0 <= v <= 1.0 for v in d["values"].values())
     path = fidelity.rewards_path(root, TASK, "accuracy")
+    assert path.stat().st_mode & 0o777 == default_file_mode()  # the usual mode, not 0600
+    assert len(d["values"]) == 4 and all(0.0 <= v <= 1.0 for v in d["values"].values())
     stamp = path.stat().st_mtime_ns
     assert fidelity.compute_rewards(root, TASK, "accuracy", progress=False)["values"] == d["values"]
     assert path.stat().st_mtime_ns == stamp  # nothing recomputed, nothing rewritten

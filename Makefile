@@ -13,7 +13,7 @@ run: setup
 	$(PY) agents/ppo_gnn.py --env-id $(ENV_ID) $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -884,6 +884,9 @@ def render_report(tables: list[dict]) -> str:
                 else "| | | "
             )
             name = f"**{mode}** (default)" if mode == t["default"] else mode
+            a = entry.get("competitive")
+            if a is not None and a.n != comp["with_ground_truth"]:
+                name += f" (on {a.n} of them)"  # rewards not yet computed for every policy
             lines.append(
                 lead
                 + f"| {name} | {_fmt(entry.get('competitive'), 'rho')} | "

@@ -17,16 +17,17 @@ e >= 10,000 steps/s.
 from __future__ import annotations
 
 import copy
+import random
 import statistics
 import time
 from dataclasses import dataclass
 
 import gymnasium as gym
-import numpy as np
 import torch
 import tyro
 
 import autosculpt_env  # noqa: F401
+from autosculpt_env.fidelity import random_valid_policy
 
 
 @dataclass
@@ -68,34 +69,16 @@ def episode(env, policy) -> float:
     return r
 
 
-def random_valid_policies(env, n: int, rng) -> list[list[int]]:
-    """Valid policies drawn from the action masks, without scoring any of them."""
-    base = env.unwrapped
-    out = []
-    for _ in range(n):
-        base.reset(seed=0)
-        pol = []
-        for t in range(base.num_layers):
-            pol.append(int(rng.choice(np.flatnonzero(base.action_masks()))))
-            if t < base.num_layers - 1:
-                base.step(pol[-1])
-        out.append(pol)
-    return out
-
-
-def shipped_or_cached_proxy(env_id: str, kw: dict):
-    """A proxy-mode env if its surrogate is shipped or cached, else ``None`` (never builds)."""
+def shipped_or_cached_proxy(env, env_id: str, kw: dict):
+    """A proxy-mode env if the surrogate for ``env``'s configuration is shipped or cached,
+    else ``None`` (never builds one)."""
     from autosculpt_env import surrogate
 
-    probe = gym.make(env_id, **kw)
-    try:
-        key, _ = surrogate.env_key(probe)
-        target = probe.unwrapped.target
-        cached = surrogate.fit_path(key, target, surrogate.FIRST_USE_DESIGN).exists()
-        if surrogate.find_shipped(key, target) is None and not cached:
-            return None
-    finally:
-        probe.close()
+    key, _ = surrogate.env_key(env)  # any evaluation= mode gives the proxy's key
+    target = env.unwrapped.target
+    cached = surrogate.fit_path(key, target, surrogate.FIRST_USE_DESIGN).exists()
+    if surrogate.find_shipped(key, target) is None and not cached:
+        return None
     return gym.make(env_id, evaluation="proxy", **kw)
 
 
@@ -107,8 +90,8 @@ def main(args: Args) -> None:
     )
     base = env.unwrapped
     bare_forward.net = copy.deepcopy(base.problem.model).eval()
-    rng = np.random.default_rng(0)
-    policies = random_valid_policies(env, args.repeats + 1, rng)
+    rng = random.Random(0)  # drawn from the action masks, none of them scored
+    policies = [random_valid_policy(env, rng) for _ in range(args.repeats + 1)]
 
     bare_forward(env)  # warm-up
     a = timed(lambda: bare_forward(env), args.repeats)
@@ -132,7 +115,7 @@ def main(args: Args) -> None:
     c = steps / n_steps
 
     # proxy mode: steps per second over whole episodes (terminal steps included)
-    proxy = shipped_or_cached_proxy(args.env_id, kw)
+    proxy = shipped_or_cached_proxy(env, args.env_id, kw)
     e = None
     if proxy is not None:
         n, t0 = 0, time.perf_counter()

@@ -4,6 +4,7 @@
     python benchmarks/proxy_fidelity.py --tasks AutoSculpt-ResNet@0.5 --per-sampler 12
     python benchmarks/proxy_fidelity.py --dataset digits      # the digits twins, fast
     python benchmarks/proxy_fidelity.py --ship                # ... and ship the surrogates
+    python benchmarks/proxy_fidelity.py --report-only         # the report from what is stored
 
 For each task (env id @ FLOPs target): draws ``--per-sampler`` policies from each sampler of
 :mod:`autosculpt_env.policy_collection`, scores each with the reward mode the proxy stands
@@ -13,7 +14,8 @@ best minimum held-out Spearman, and writes ``benchmarks/PROXY_FIDELITY.md``. Eva
 are stored one by one in ``$AUTOSCULPT_CACHE/surrogate/evaluations``: a killed run resumes
 where it stopped, and a larger ``--per-sampler`` reuses every policy a smaller one drew.
 Tasks are independent: run two at once (one per core) with ``--tasks``, then ``--ship``
-with all of them to write the report from stored evaluations alone. ``--ship`` copies the
+with all of them to write the report from stored evaluations alone (it refits), or
+``--report-only`` to write it from the shipped or cached fits without fitting anything. ``--ship`` copies the
 fitted surrogates and their evaluations into ``autosculpt_env/surrogates`` (with sha256 and
 held-out figures in ``manifest.json``) so ``evaluation="proxy"`` is instant on install.
 """
@@ -52,6 +54,8 @@ class Args:
     """torch CPU threads"""
     ship: bool = False
     """copy the fitted surrogates into autosculpt_env/surrogates (registered datasets only)"""
+    report_only: bool = False
+    """write the report from the shipped (else cached) surrogates: no collection, no fit"""
     out: Path = ROOT / "benchmarks" / "PROXY_FIDELITY.md"
     """the markdown report"""
     progress: bool = True
@@ -73,6 +77,8 @@ def run_task(name: str, args: Args) -> surrogate.Surrogate:
         return lambda policy: scorer.evaluate_policy(policy)["accuracy"]
 
     design = Design(tuple(args.samplers), args.per_sampler, args.seed)
+    if args.report_only:
+        return _stored(name, scorer, key, target, design)
     t0 = time.perf_counter()
     s = surrogate.build(scorer.problem, key, target, evaluator, design, args.progress)
     print(
@@ -81,6 +87,23 @@ def run_task(name: str, args: Args) -> surrogate.Surrogate:
         f"{_num(s.meta()['heldout_min'])}, {time.perf_counter() - t0:.0f} s"
     )
     return s
+
+
+def _stored(name: str, scorer, key: dict, target: float, design: Design) -> surrogate.Surrogate:
+    """The shipped surrogate of a task, else the cached fit of ``design``; never fits."""
+
+    def refuse():
+        raise SystemExit(
+            f"--report-only: {name} has no shipped surrogate and no cached fit of "
+            f"{design.per_sampler} policies per sampler; build it first with "
+            f"`python benchmarks/proxy_fidelity.py --tasks {name}`"
+        )
+
+    if surrogate.find_shipped(key, target) is None and not surrogate.fit_path(
+        key, target, design
+    ).exists():
+        refuse()
+    return surrogate.load_or_build(scorer.problem, key, target, refuse, design, progress=False)
 
 
 def _num(v: float | None) -> str:
@@ -108,7 +131,7 @@ def render(results: dict[str, surrogate.Surrogate], command: str) -> str:
     for name, s in results.items():
         meta = s.meta()
         c = s.collection
-        cands = list(s.heldout)
+        cands = [k for k in surrogate.CANDIDATES if k in s.heldout]  # a fixed column order
         lines += [f"## {name}", ""]
         if meta["design"]["per_sampler"] < surrogate.FULL_DESIGN.per_sampler:
             lines += [
@@ -145,6 +168,8 @@ def main(args: Args) -> None:
 
     torch.set_num_threads(args.threads)
     results = {name: run_task(name, args) for name in args.tasks}
+    if args.ship and args.report_only:
+        raise SystemExit("--ship fits and ships; --report-only fits nothing: pick one")
     if args.ship:
         if args.dataset is not None:
             raise SystemExit("--ship ships the registered tasks' surrogates: drop --dataset")

@@ -53,6 +53,12 @@ def _tolerance_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _record_to_folder_arguments(parser: argparse.ArgumentParser) -> None:
+    """A command that reads a record and writes a folder."""
+    parser.add_argument("record", help="record JSON (best.json) or leaderboard row")
+    parser.add_argument("--out", required=True, help="output folder")
+
+
 def _cmd_zoo_list(args: argparse.Namespace) -> int:
     from . import zoo
 
@@ -474,8 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gradients and masks re-applied after every step, and write model.safetensors, "
         "masks.safetensors and record.json into --out.",
     )
-    ft.add_argument("record", help="record JSON (best.json) or leaderboard row")
-    ft.add_argument("--out", required=True, help="output folder")
+    _record_to_folder_arguments(ft)
     ft.add_argument(
         "--epochs", type=positive_int, default=None, help="override the recipe's epochs"
     )
@@ -514,8 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model.onnx and dense.onnx (checked with onnxruntime) and report.json into --out, and "
         "print the measured speedup against the dense network.",
     )
-    ex.add_argument("record", help="record JSON (best.json) or leaderboard row")
-    ex.add_argument("--out", required=True, help="output folder")
+    _record_to_folder_arguments(ex)
     ex.add_argument("--batch-size", type=positive_int, default=256, help="batch for the timing")
     ex.add_argument("--repeats", type=positive_int, default=20, help="timed runs (median kept)")
     _threads_option(ex)

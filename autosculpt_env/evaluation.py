@@ -88,11 +88,19 @@ policies (14 per task), 1,024 images ranked like the fine-tuned score about as w
 ResNet@0.5, VGG, MobileNet, ViT, ResNet@0.7, within the bootstrap intervals) at about half
 the training cost (the reward-fidelity report has the cost of both)."""
 
+BN_RECALIBRATION_SAMPLES = 1024
+"""Training images whose statistics the batch norms are re-estimated on before scoring
+unless told otherwise (0 turns recalibration off)."""
+
+CALIBRATION_SAMPLES = 256
+"""Training images whose dense activations define the ``reconstruction`` refits unless told
+otherwise."""
+
 SAMPLE_SETTINGS: dict[str, tuple[str, int, int]] = {
     "reward_samples": ("reward", REWARD_SAMPLES, 1),
-    "bn_recalibration_samples": ("train", 1024, 0),
+    "bn_recalibration_samples": ("train", BN_RECALIBRATION_SAMPLES, 0),
     "recovery_samples": ("train", RECOVERY_SAMPLES, 1),
-    "calibration_samples": ("train", 256, 1),
+    "calibration_samples": ("train", CALIBRATION_SAMPLES, 1),
 }
 """``{setting: (split it draws from, default, smallest value)}`` for the env's image counts."""
 
@@ -145,7 +153,7 @@ class AccuracyEvaluator:
         dataset: str,
         data_dir=None,
         reward_samples: int = REWARD_SAMPLES,
-        bn_recalibration_samples: int = 1024,
+        bn_recalibration_samples: int = BN_RECALIBRATION_SAMPLES,
     ):
         self.problem = problem
         reward = data_mod.load(dataset, "reward", data_dir)
@@ -225,8 +233,8 @@ class ReconstructionEvaluator(AccuracyEvaluator):
         dataset: str,
         data_dir=None,
         reward_samples: int = REWARD_SAMPLES,
-        bn_recalibration_samples: int = 1024,
-        calibration_samples: int = 256,
+        bn_recalibration_samples: int = BN_RECALIBRATION_SAMPLES,
+        calibration_samples: int = CALIBRATION_SAMPLES,
     ):
         calib = train_subset(dataset, calibration_samples, data_dir, "calibration_samples").images
         self.reconstruction = Reconstruction(problem, calib)
@@ -283,10 +291,10 @@ class RecoveryEvaluator(AccuracyEvaluator):
         dataset: str,
         data_dir=None,
         reward_samples: int = REWARD_SAMPLES,
-        bn_recalibration_samples: int = 1024,
+        bn_recalibration_samples: int = BN_RECALIBRATION_SAMPLES,
         recovery_samples: int = RECOVERY_SAMPLES,
         reconstruction: bool = False,
-        calibration_samples: int = 256,
+        calibration_samples: int = CALIBRATION_SAMPLES,
         recovery_batch_size: int = RECOVERY_BATCH_SIZE,
     ):
         self.recovery_data = train_subset(dataset, recovery_samples, data_dir, "recovery_samples")
@@ -324,7 +332,7 @@ class ProxyEvaluator:
         dataset: dataset name.
         mode: the ``evaluation=`` mode the proxy stands for.
         settings: ``(reward_samples, bn_recalibration_samples, recovery_samples,
-            calibration_samples)``.
+            calibration_samples, recovery_batch_size)``.
         target: FLOPs target of the episodes the surrogate is fitted for.
         evaluator: returns ``mode``'s evaluator; called only if policies must be scored
             (nothing shipped or cached).

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +16,8 @@ from torch import nn
 
 from autosculpt_env import data
 from autosculpt_env.models.vit import Attention
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # one thread: tests run beside other processes (subprocess agents, CI), and torch threads
 # oversubscribing 2 cores slow everything by orders of magnitude (training ~100x)
@@ -60,3 +69,36 @@ class Mixed(nn.Module):
         t = y.flatten(2).transpose(1, 2)
         t = t + self.attn(t)
         return self.head(t.mean(1))
+
+
+def sweep_killed_at_first_row(
+    argv: list[str], rows_dir: Path, timeout: float
+) -> tuple[dict[str, str], int, str]:
+    """Start ``benchmarks/leaderboard.py argv`` in its own process group and kill the group
+    (the running agent with the harness) as soon as the first row appears in ``rows_dir``.
+
+    Returns ``(rows, returncode, output)``: ``{file name: text}`` of the rows on disk after
+    the kill, the harness's return code (``-SIGKILL`` when it was killed; another code when
+    it ended first or ``timeout`` seconds passed with no row) and its output.
+    """
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "leaderboard.py"), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if any(rows_dir.glob("*.json")):
+                break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0].decode(errors="replace")
+    return {p.name: p.read_text() for p in rows_dir.glob("*.json")}, proc.returncode, out

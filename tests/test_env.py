@@ -299,8 +299,12 @@ class _Untraceable(nn.Module):
         return self.fc(x)
 
 
-def _stepped_env(**kw):
-    env = gym.make("AutoSculpt-ResNet", dataset="digits", **kw)
+def _digits_env(env_id: str = "AutoSculpt-ResNet", **kw):
+    return gym.make(env_id, **{"dataset": "digits", **kw})
+
+
+def _stepped_env():
+    env = _digits_env()
     env.reset(seed=0)
     return env
 
@@ -312,53 +316,19 @@ def _stepped_env(**kw):
         (lambda: _stepped_env().step(-1), ValueError, "out of range"),
         (lambda: _stepped_env().step(1.0), TypeError, "integer"),
         (lambda: _stepped_env().step(True), TypeError, "integer"),
-        (lambda: gym.make("AutoSculpt-ResNet", dataset="digits").step(0), ValueError, "reset"),
+        (lambda: _digits_env().step(0), ValueError, "reset"),
+        (lambda: _digits_env(colour="red"), TypeError, "colour"),
+        (lambda: _digits_env(target_flops_reduction=0.0), ValueError, "target_flops_reduction"),
+        (lambda: _digits_env(target_flops_reduction=1.0), ValueError, "target_flops_reduction"),
+        (lambda: _digits_env(catalog="nope"), ValueError, "nope"),
+        (lambda: _digits_env(model="resnet999"), ValueError, "resnet999"),
+        (lambda: _digits_env(dataset="mnist"), ValueError, "mnist"),
+        (lambda: _digits_env(reward="speed"), ValueError, "speed"),
+        (lambda: _digits_env(evaluation="guess"), ValueError, "guess"),
+        (lambda: _digits_env("AutoSculpt-v0", model=_Untraceable()), TypeError, "_Untraceable|fx"),
         (
-            lambda: gym.make("AutoSculpt-ResNet", dataset="digits", colour="red"),
-            TypeError,
-            "colour",
-        ),
-        (
-            lambda: gym.make("AutoSculpt-ResNet", dataset="digits", target_flops_reduction=0.0),
-            ValueError,
-            "target_flops_reduction",
-        ),
-        (
-            lambda: gym.make("AutoSculpt-ResNet", dataset="digits", target_flops_reduction=1.0),
-            ValueError,
-            "target_flops_reduction",
-        ),
-        (
-            lambda: gym.make("AutoSculpt-ResNet", dataset="digits", catalog="nope"),
-            ValueError,
-            "nope",
-        ),
-        (
-            lambda: gym.make("AutoSculpt-ResNet", dataset="digits", model="resnet999"),
-            ValueError,
-            "resnet999",
-        ),
-        (lambda: gym.make("AutoSculpt-ResNet", dataset="mnist"), ValueError, "mnist"),
-        (
-            lambda: gym.make("AutoSculpt-ResNet", dataset="digits", reward="speed"),
-            ValueError,
-            "speed",
-        ),
-        (
-            lambda: gym.make("AutoSculpt-ResNet", dataset="digits", evaluation="guess"),
-            ValueError,
-            "guess",
-        ),
-        (
-            lambda: gym.make("AutoSculpt-v0", dataset="digits", model=_Untraceable()),
-            TypeError,
-            "_Untraceable|fx",
-        ),
-        (
-            lambda: gym.make(
-                "AutoSculpt-v0",
-                dataset="digits",
-                model=nn.Sequential(nn.Flatten(), nn.Linear(64, 7)),
+            lambda: _digits_env(
+                "AutoSculpt-v0", model=nn.Sequential(nn.Flatten(), nn.Linear(64, 7))
             ),
             ValueError,
             "7 outputs.*10 classes",

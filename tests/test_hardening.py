@@ -271,17 +271,24 @@ def test_finetune_refuses_metrics_that_do_not_follow_from_actions(record, env, t
 
 
 # ------------------------------------------------ 9. a search that produced nothing
-def test_agent_that_finishes_no_episode_fails(tmp_path, monkeypatch, capsys):
-    argv = ["random_search.py", "--env-id", "AutoSculpt-ResNet", "--dataset", "digits"]
-    argv += ["--evaluation", "accuracy", "--num-episodes", "0", "--threads", "1"]
-    argv += ["--no-progress", "--output-dir", str(tmp_path), "--run-name", "r"]
+@pytest.mark.parametrize(
+    "agent, args",
+    [
+        ("random_search", ["--num-episodes", "0"]),
+        # the issue's case: PPO with 4 envs and 2 reward evaluations finishes no episode
+        ("ppo_mlp", ["--num-envs", "4", "--max-reward-evaluations", "2", "--no-save-model"]),
+    ],
+    ids=["no-episodes", "fewer-evaluations-than-envs"],
+)
+def test_agent_that_finishes_no_episode_fails(agent, args, tmp_path, monkeypatch, capsys):
+    argv = [f"{agent}.py", "--env-id", "AutoSculpt-ResNet", "--dataset", "digits"]
+    argv += ["--evaluation", "accuracy", "--threads", "1", "--no-progress", *args]
+    argv += ["--output-dir", str(tmp_path), "--run-name", "r"]
     monkeypatch.setattr(sys, "argv", argv)
-    threads = torch.get_num_threads()
-    try:  # in-process (runpy): the agent's imports are already loaded
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(str(ROOT / "agents" / "random_search.py"), run_name="__main__")
-    finally:
-        torch.set_num_threads(threads)
+    monkeypatch.setattr(budget, "_PROCESS", None)  # the agent's limit ends with the test
+    # in-process (runpy): the agent's imports are already loaded
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "agents" / f"{agent}.py"), run_name="__main__")
     assert e.value.code not in (0, None)
     assert "finished no episode" in capsys.readouterr().err
     assert not (tmp_path / "r" / "best.json").exists()
@@ -314,25 +321,6 @@ def test_agent_arguments_are_checked_first(args, message):
     )
     with pytest.raises(SystemExit, match=message):
         tracking.check_args(ns)
-
-
-def test_vector_agent_with_a_budget_below_its_envs_fails(tmp_path, monkeypatch, capsys):
-    """The issue's case: PPO with 4 envs and 2 reward evaluations finishes no episode."""
-    argv = ["ppo_mlp.py", "--env-id", "AutoSculpt-ResNet", "--dataset", "digits"]
-    argv += ["--evaluation", "accuracy", "--num-envs", "4", "--max-reward-evaluations", "2"]
-    argv += ["--threads", "1", "--no-progress", "--no-save-model", "--output-dir", str(tmp_path)]
-    argv += ["--run-name", "r"]
-    monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.setattr(budget, "_PROCESS", None)  # the agent's limit ends with the test
-    threads = torch.get_num_threads()
-    try:
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(str(ROOT / "agents" / "ppo_mlp.py"), run_name="__main__")
-    finally:
-        torch.set_num_threads(threads)
-    assert e.value.code not in (0, None)
-    assert "finished no episode" in capsys.readouterr().err
-    assert not (tmp_path / "r" / "best.json").exists()
 
 
 # ---------------------------------------- 11. negative fine-tuning epochs are accepted

@@ -10,15 +10,12 @@ first leaderboard (schema 1) must keep passing the row checks and render.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import sweep_killed_at_first_row
 
 from autosculpt_env import cli
 from autosculpt_env import leaderboard as lb
@@ -59,34 +56,12 @@ def board(tmp_path_factory):
         "output": root / "LEADERBOARD.md",
         "plots_dir": root / "plots",
     }
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "leaderboard.py"), *_argv(OPTIONS, paths)]
-    # its own process group, so the kill takes the running agent down with the harness
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    rows_after_kill, code, out = sweep_killed_at_first_row(
+        _argv(OPTIONS, paths), paths["rows_dir"], 240
     )
-    deadline = time.time() + 240
-    first: dict[str, str] = {}
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            rows = list(paths["rows_dir"].glob("*.json"))
-            if rows:
-                first = {p.name: p.read_text() for p in rows}
-                break
-            time.sleep(0.1)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        out = proc.communicate()[0].decode(errors="replace")
-    assert first, f"no row appeared before the harness ended (rc {proc.returncode}):\n{out[-3000:]}"
-    killed_early = proc.returncode == -signal.SIGKILL
+    assert rows_after_kill, f"no row appeared before the harness ended (rc {code}):\n{out[-3000:]}"
+    killed_early = code == -signal.SIGKILL
 
-    rows_after_kill = {p.name: p.read_text() for p in paths["rows_dir"].glob("*.json")}
     protocol = lb.make_protocol(
         OPTIONS["budget"],
         SEEDS,
@@ -105,7 +80,6 @@ def board(tmp_path_factory):
     yield {
         "paths": paths,
         "protocol": protocol,
-        "first": first,
         "rows_after_kill": rows_after_kill,
         "killed_early": killed_early,
         "resumed": resumed,

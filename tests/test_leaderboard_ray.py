@@ -4,19 +4,14 @@ lost, redone or duplicated."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import ray
+from conftest import sweep_killed_at_first_row
 
 from autosculpt_env import leaderboard as lb
 
-ROOT = Path(__file__).resolve().parents[1]
 TASK = lb.Task("AutoSculpt-ResNet", 0.5)
 AGENTS = ["random_search", "uniform"]
 OPTIONS = dict(budget=4, dataset="digits", finetune_epochs=1, finetune_samples=64)
@@ -60,34 +55,14 @@ def test_ray_backend_writes_the_rows_of_the_local_backend(cluster, tmp_path):
 def test_killed_ray_sweep_resumes_with_no_row_lost_or_duplicated(cluster, tmp_path):
     seeds = [1, 2]
     paths = {"rows_dir": tmp_path / "rows", "work_dir": tmp_path / "runs"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "leaderboard.py")]
-    cmd += ["--tasks", TASK.name, "--agents", *AGENTS, "--seeds", *map(str, seeds)]
-    cmd += ["--budget", str(OPTIONS["budget"]), "--dataset", OPTIONS["dataset"]]
-    cmd += ["--finetune-epochs", "1", "--finetune-samples", "64", "--no-progress"]
-    cmd += ["--backend", "ray", "--address", cluster]
-    cmd += ["--rows-dir", str(paths["rows_dir"]), "--work-dir", str(paths["work_dir"])]
-    cmd += ["--output", str(tmp_path / "LB.md"), "--plots-dir", str(tmp_path / "plots")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if list(paths["rows_dir"].glob("*.json")):
-                break
-            time.sleep(0.1)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        out = proc.communicate()[0].decode(errors="replace")
-    assert proc.returncode == -signal.SIGKILL, f"the sweep ended before the kill:\n{out[-3000:]}"
-    after_kill = {p.name: p.read_text() for p in paths["rows_dir"].glob("*.json")}
+    argv = ["--tasks", TASK.name, "--agents", *AGENTS, "--seeds", *map(str, seeds)]
+    argv += ["--budget", str(OPTIONS["budget"]), "--dataset", OPTIONS["dataset"]]
+    argv += ["--finetune-epochs", "1", "--finetune-samples", "64", "--no-progress"]
+    argv += ["--backend", "ray", "--address", cluster]
+    argv += ["--rows-dir", str(paths["rows_dir"]), "--work-dir", str(paths["work_dir"])]
+    argv += ["--output", str(tmp_path / "LB.md"), "--plots-dir", str(tmp_path / "plots")]
+    after_kill, code, out = sweep_killed_at_first_row(argv, paths["rows_dir"], 300)
+    assert code == -signal.SIGKILL, f"the sweep ended before the kill:\n{out[-3000:]}"
     assert after_kill, out[-3000:]
 
     protocol = lb.make_protocol(seeds=seeds, **OPTIONS)

@@ -16,6 +16,8 @@ from .. import data as data_mod
 from ..budget import current as reward_budget
 from ..budget import env_within_band
 from ..evaluation import (
+    BN_RECALIBRATION_SAMPLES,
+    CALIBRATION_SAMPLES,
     EVALUATIONS,
     RECOVERY_BATCH_SIZE,
     RECOVERY_SAMPLES,
@@ -193,7 +195,7 @@ class AutoSculptEnv(gym.Env):
       count (this one and the three below) must fit its split, or the env refuses it; the
       record states the counts used.
     * ``bn_recalibration_samples``: training images for batch-norm recalibration, default
-      1024; 0 turns it off.
+      {BN_RECALIBRATION_SAMPLES}; 0 turns it off.
     * ``evaluation``: ``accuracy`` (the generic env's default), ``reconstruction``,
       ``recovery`` (the zoo ids' default), ``reconstruction+recovery`` or ``proxy``
       (:data:`autosculpt_env.evaluation.EVALUATIONS`).
@@ -203,7 +205,7 @@ class AutoSculptEnv(gym.Env):
       ``recovery_samples / recovery_batch_size`` SGD steps), default
       {RECOVERY_BATCH_SIZE}.
     * ``calibration_samples``: training images whose dense activations define the
-      ``reconstruction`` refits, default 256.
+      ``reconstruction`` refits, default {CALIBRATION_SAMPLES}.
     * ``band_tolerance``: half-width of the ``band`` reward's target band, default 0.05.
     * ``tradeoff_lambda``: weight of the FLOPs reduction in ``tradeoff``, default 1.0.
     * ``ignored_layers``: layer names kept dense and out of the episode (Torch-Pruning's
@@ -241,13 +243,13 @@ class AutoSculptEnv(gym.Env):
         reward: str = "budget",
         target_flops_reduction: float = 0.5,
         reward_samples: int | None = None,
-        bn_recalibration_samples: int = 1024,
+        bn_recalibration_samples: int = BN_RECALIBRATION_SAMPLES,
         evaluation: str = "accuracy",
         band_tolerance: float = 0.05,
         tradeoff_lambda: float = 1.0,
         ignored_layers: list[str] | None = None,
         recovery_samples: int | None = None,
-        calibration_samples: int = 256,
+        calibration_samples: int = CALIBRATION_SAMPLES,
         recovery_batch_size: int = RECOVERY_BATCH_SIZE,
         target_latency_reduction: float | None = None,
         latency_batch_size: int | None = None,
@@ -739,6 +741,8 @@ def _document(doc: str) -> str:
         "{LATENCY_THREADS}": str(LATENCY_THREADS),
         "{RECOVERY_SAMPLES}": str(RECOVERY_SAMPLES),
         "{REWARD_SAMPLES}": str(REWARD_SAMPLES),
+        "{BN_RECALIBRATION_SAMPLES}": str(BN_RECALIBRATION_SAMPLES),
+        "{CALIBRATION_SAMPLES}": str(CALIBRATION_SAMPLES),
     }
     for key, text in parts.items():
         doc = doc.replace(key, text)

@@ -358,6 +358,18 @@ def _grid(n: int):
     return fig, fig.subplots(nrows, ncols, squeeze=False).ravel()
 
 
+def _finish(fig, axes, used: int, path: Path) -> Path:
+    """Grid the first ``used`` panels and hide the rest, put the legend on the first, write
+    ``path``."""
+    for ax in axes[:used]:
+        ax.grid(alpha=0.3)
+    for ax in axes[used:]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def _plot_group(g: Group, folder: Path) -> list[Path]:
     from matplotlib.figure import Figure
 
@@ -383,10 +395,7 @@ def _plot_group(g: Group, folder: Path) -> list[Path]:
             f"{g.title.split(' (')[0]}: performance profiles over {len(norm_tasks)} task(s)",
             fontsize=9,
         )
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        paths.append(folder / "profile.png")
-        fig.savefig(paths[-1], dpi=120)
+        paths.append(_finish(fig, [ax], 1, folder / "profile.png"))
 
     fig, axes = _grid(len(tasks))
     for ax, task in zip(axes, tasks):
@@ -404,12 +413,7 @@ def _plot_group(g: Group, folder: Path) -> list[Path]:
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("FLOPs reduction (%)")
         ax.set_ylabel(f"score (%): {g.score_name}"[:60], fontsize=8)
-        ax.grid(alpha=0.3)
-    for ax in axes[len(tasks) :]:
-        ax.set_visible(False)
-    axes[0].legend(fontsize=7)
-    paths.append(folder / "pareto.png")
-    fig.savefig(paths[-1], dpi=120)
+    paths.append(_finish(fig, axes, len(tasks), folder / "pareto.png"))
 
     fig, axes = _grid(len(tasks))
     for ax, task in zip(axes, tasks):
@@ -441,10 +445,5 @@ def _plot_group(g: Group, folder: Path) -> list[Path]:
         ax.set_ylabel("best reward so far")
         if budget >= 200:
             ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-    for ax in axes[len(tasks) :]:
-        ax.set_visible(False)
-    axes[0].legend(fontsize=7)
-    paths.append(folder / "progress.png")
-    fig.savefig(paths[-1], dpi=120)
+    paths.append(_finish(fig, axes, len(tasks), folder / "progress.png"))
     return paths

@@ -784,11 +784,18 @@ def verdict(table: dict) -> str:
     cost_s = "cost not measured" if not cost else f"cost {cost['ratio']:.1f}×"
     cost_ok = bool(cost) and cost["ratio"] <= GOAL_COST
     met = a.spearman >= goal
+    fresh = entry.get("searches_only")
     return (
         f"{table['task']}: ρ {a.spearman:.2f} against a goal of {goal:.2f} "
         + ("(met)" if met else f"(short by {goal - a.spearman:.2f})")
         + f"; {cost_s}"
         + ("" if not cost else " (within 5×)" if cost_ok else f" (over {GOAL_COST:.0f}×)")
+        + (
+            ""
+            if fresh is None
+            else f"; on the {fresh.n} search-run policies alone (never used to choose the "
+            f"default): ρ {_fmt(fresh, 'rho')}"
+        )
     )
 
 
@@ -830,6 +837,19 @@ def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:
                     [values["values"][k] for k in have],
                     [float(np.mean(list(complete[k].values()))) for k in have],
                 )
+    # the default was chosen on the committed rows' policies: the search runs' alone are
+    # policies it was never chosen on
+    searched = {
+        p.key
+        for p in ps.of("competitive")
+        if p.key in complete and p.sources and all(s.startswith("search:") for s in p.sources)
+    }
+    values = load_rewards(root, task, out["default"])["values"]
+    have = sorted(k for k in searched if k in values)
+    if len(have) >= 4:
+        out["modes"].setdefault(out["default"], {})["searches_only"] = agreement(
+            [values[k] for k in have], [float(np.mean(list(complete[k].values()))) for k in have]
+        )
     return out
 
 

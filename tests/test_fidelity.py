@@ -156,6 +156,29 @@ def test_report_marks_the_default_and_states_the_goal(root):
     assert (root / "plots" / f"{fidelity.task_dir_name(TASK)}.png").exists()
 
 
+def test_verdict_reports_the_default_on_search_policies_alone(root):
+    # four more policies that search runs found; the default ranks them against the score,
+    # while it ranks the fixture's four (not from searches) with it
+    env = fidelity.make_task_env(TASK, evaluation="accuracy")
+    names, rng = env.unwrapped.action_names, random.Random(1)
+    ps = fidelity.PolicySet.load(root, TASK)
+    first = list(ps.policies)
+    while len(ps.policies) < 8:
+        actions = [names[a] for a in fidelity.random_valid_policy(env, rng)]
+        ps.add(actions, "competitive", f"search:random_search:seed{len(ps.policies)}:accuracy5")
+    env.close()
+    ps.save(root)
+    searched = ps.policies[4:]
+    _store_ground_truth(root, ps, [0.5, 0.6, 0.7, 0.8, 0.1, 0.2, 0.3, 0.4])
+    values = dict(zip([p.key for p in first + searched], [0.5, 0.6, 0.7, 0.8, 0.4, 0.3, 0.2, 0.1]))
+    fidelity.atomic_write_json(
+        fidelity.rewards_path(root, TASK, "recovery"),
+        {"mode": "recovery", "task": TASK.name, "cost": None, "values": values},
+    )
+    line = fidelity.verdict(fidelity.task_table(root, TASK, ["recovery"]))
+    assert "on the 4 search-run policies alone (never used to choose the default): ρ -1.00" in line
+
+
 def test_ground_truth_runs_once_and_is_validated(root):
     ps = fidelity.PolicySet.load(root, TASK)
     p = ps.policies[0]

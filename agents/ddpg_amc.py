@@ -24,7 +24,7 @@ from scipy.stats import truncnorm
 from tqdm.auto import tqdm
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
-from autosculpt_env.budget import limit_reward_evaluations
+from autosculpt_env.evaluation_limit import limit_reward_evaluations
 from autosculpt_env.tracking import BestEpisode, check_args, finish_run, start_run
 from autosculpt_env.wrappers import ContinuousAction, FlatObservation
 
@@ -72,8 +72,8 @@ class Args:
     total_timesteps: int = 9600
     """total env steps (one step = one layer decision); only whole episodes are played"""
     max_reward_evaluations: int | None = None
-    """the reward-evaluation budget (finished episodes), counted and enforced by the env; when
-    given, it is the run's length (total_timesteps is ignored)"""
+    """the most reward evaluations (finished episodes) to spend, counted and enforced by the
+    env; when given, it is the run's length (total_timesteps is ignored)"""
     actor_learning_rate: float = 1e-4
     """the learning rate of the actor's optimizer (AMC: 1e-4)"""
     critic_learning_rate: float = 1e-3
@@ -218,7 +218,7 @@ if __name__ == "__main__":
     base = env.unwrapped
     num_features = env.observation_space.shape[0]
     best = BestEpisode(env, run_dir, extra={"agent": args.exp_name, "seed": args.seed})
-    budget = limit_reward_evaluations(args.max_reward_evaluations)  # the env keeps the count
+    evaluations = limit_reward_evaluations(args.max_reward_evaluations)  # the env keeps the count
 
     actor = Actor(num_features, args.hidden_dim).to(device)
     qf1 = QNetwork(num_features, args.hidden_dim).to(device)
@@ -233,14 +233,14 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: start the game
     global_step = 0
     start_time = time.time()
-    # the budget, when given, is the run's length (one reward evaluation per episode)
-    num_episodes = budget.limit or args.total_timesteps // base.num_layers
+    # the limit, when given, is the run's length (one reward evaluation per episode)
+    num_episodes = evaluations.limit or args.total_timesteps // base.num_layers
     total = num_episodes
     bar = tqdm(total=total, disable=not args.progress, unit="eval", dynamic_ncols=True)
     obs, _ = env.reset(seed=args.seed)
     baseline = None
     for episode in range(num_episodes):
-        if budget.exhausted:
+        if evaluations.limit_reached:
             break
         # ALGO LOGIC: exploration noise, constant during the warm-up, then decaying per episode
         warmup = episode < args.warmup_episodes
@@ -324,7 +324,7 @@ if __name__ == "__main__":
     env.close()
     finish_run(writer, args.track)
     print(
-        f"{args.env_id}: {global_step} env steps, {budget.used} reward evaluations, {time.time() - start_time:.0f}s"
+        f"{args.env_id}: {global_step} env steps, {evaluations.used} reward evaluations, {time.time() - start_time:.0f}s"
     )
     print(best.summary())
     raise SystemExit(best.exit_status())

@@ -5,7 +5,7 @@
 # pruning literature (e.g. Li et al. 2017, "Pruning Filters for Efficient ConvNets"; AMC's
 # "handcrafted" baselines), with a greedy knapsack on top.
 #
-# Budget: the full table costs one reward evaluation per (layer, non-dense valid level). When
+# Cost: the full table costs one reward evaluation per (layer, non-dense valid level). When
 # --max-reward-evaluations leaves less than that (plus one for the final policy), each layer
 # is measured at k levels evenly spaced in its sparsity-ordered levels (k = 1: the middle one),
 # and the drop at the other levels is interpolated linearly in nominal sparsity between the
@@ -30,7 +30,8 @@ import tyro
 from tqdm.auto import tqdm
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
-from autosculpt_env.budget import env_within_band, limit_reward_evaluations
+from autosculpt_env.band import env_within_band
+from autosculpt_env.evaluation_limit import limit_reward_evaluations
 from autosculpt_env.tracking import BestEpisode, check_args, finish_run, start_run
 
 
@@ -71,7 +72,7 @@ class Args:
 
     # Algorithm specific arguments
     max_reward_evaluations: int | None = None
-    """the reward-evaluation budget (policies scored), counted and enforced by the env"""
+    """the most reward evaluations (policies scored) to spend, counted and enforced by the env"""
     neighbours: int = 20
     """most evaluations spent on the local search after the greedy policy (0 turns it off)"""
 
@@ -193,10 +194,10 @@ if __name__ == "__main__":
     problem = base.problem
     L, dense = base.num_layers, problem.dense_action
     best = BestEpisode(env, run_dir, extra={"agent": args.exp_name, "seed": args.seed})
-    budget = limit_reward_evaluations(args.max_reward_evaluations)  # the env keeps the count
+    evaluations = limit_reward_evaluations(args.max_reward_evaluations)  # the env keeps the count
     sparsity = np.asarray([a.sparsity for a in problem.catalog.actions], dtype=np.float64)
 
-    # ALGO LOGIC: plan the sensitivity measurements the budget allows
+    # ALGO LOGIC: plan the sensitivity measurements the evaluation limit allows
     levels = [
         sorted(
             (int(a) for a in np.flatnonzero(problem.valid[i]) if a != dense),
@@ -205,14 +206,15 @@ if __name__ == "__main__":
         for i in range(L)
     ]
     full = sum(len(lv) for lv in levels)
-    room = None if budget.remaining is None else budget.remaining - 1  # keep one for the result
+    # keep one evaluation for the result
+    room = None if evaluations.remaining is None else evaluations.remaining - 1
     if room is None or room >= full:
         k = max((len(lv) for lv in levels), default=0)
     else:
         k = max(room, 0) // L
     plan = [(i, a) for i in range(L) for a in measured_levels(levels[i], k)] if k else []
     planned = len(plan) + 1 + args.neighbours
-    total = min(planned, budget.remaining if budget.limit is not None else planned)
+    total = min(planned, evaluations.remaining if evaluations.limit is not None else planned)
 
     global_step = 0
     start_time = time.time()
@@ -286,10 +288,10 @@ if __name__ == "__main__":
         allocator.margin += 1e-6
         policy = allocator.complete(policy)
     assert policy is not None, "the FLOPs target cannot be met with this catalog"
-    if not budget.exhausted:
+    if not evaluations.limit_reached:
         evaluate(policy, candidate=True)
     used, current = 0, policy
-    while used < args.neighbours and not budget.exhausted:
+    while used < args.neighbours and not evaluations.limit_reached:
         fresh = [
             p
             for p in allocator.neighbours(current)
@@ -299,7 +301,7 @@ if __name__ == "__main__":
             break
         moved = False
         for p in fresh:
-            if used >= args.neighbours or budget.exhausted:
+            if used >= args.neighbours or evaluations.limit_reached:
                 break
             used += 1
             if evaluate(p, candidate=True)["reward"] > scored[tuple(current)]["reward"]:
@@ -316,7 +318,7 @@ if __name__ == "__main__":
         + ("" if k else "; drops estimated by the weight energy removed")
     )
     print(
-        f"{args.env_id}: {global_step} env steps, {budget.used} reward evaluations, {time.time() - start_time:.0f}s"
+        f"{args.env_id}: {global_step} env steps, {evaluations.used} reward evaluations, {time.time() - start_time:.0f}s"
     )
     print(best.summary())
     raise SystemExit(best.exit_status())

@@ -18,7 +18,7 @@ from torch_geometric.nn import GATv2Conv, GCNConv, global_mean_pool
 from tqdm.auto import tqdm
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
-from autosculpt_env.budget import limit_reward_evaluations
+from autosculpt_env.evaluation_limit import limit_reward_evaluations
 from autosculpt_env.features import FeatureLayout
 from autosculpt_env.graph import EDGE_TYPES, to_pyg
 from autosculpt_env.tracking import BestEpisode, check_args, finish_run, start_run
@@ -68,8 +68,8 @@ class Args:
     """total env steps (one step = one layer decision; 320 episodes of AutoSculpt-ResNet, about
     ten minutes of the default recovery reward on two cores)"""
     max_reward_evaluations: int | None = None
-    """the reward-evaluation budget (finished episodes), counted and enforced by the env; when
-    given, it is the run's length (total_timesteps is ignored)"""
+    """the most reward evaluations (finished episodes) to spend, counted and enforced by the
+    env; when given, it is the run's length (total_timesteps is ignored)"""
     learning_rate: float = 2e-3
     """the learning rate of the optimizer"""
     num_envs: int = 4
@@ -254,9 +254,9 @@ if __name__ == "__main__":
     base = envs.envs[0].unwrapped
     num_actions = envs.single_action_space.n
     best = BestEpisode(envs.envs[0], run_dir, extra={"agent": args.exp_name, "seed": args.seed})
-    budget = limit_reward_evaluations(args.max_reward_evaluations)  # the env keeps the count
-    if budget.limit is not None:  # the budget is the run's length (and the LR schedule's)
-        args.num_iterations = math.ceil(budget.limit * base.num_layers / args.batch_size) + 1
+    evaluations = limit_reward_evaluations(args.max_reward_evaluations)  # the env keeps the count
+    if evaluations.limit is not None:  # the limit is the run's length (and the LR schedule's)
+        args.num_iterations = math.ceil(evaluations.limit * base.num_layers / args.batch_size) + 1
 
     agent = Agent(base.feature_layout, args).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
@@ -278,15 +278,16 @@ if __name__ == "__main__":
     next_mask = torch.as_tensor(infos["action_mask"], dtype=torch.bool)
     next_done = torch.zeros(args.num_envs)
     episode_len = np.zeros(args.num_envs, dtype=np.int64)
-    total = budget.limit or args.total_timesteps
+    total = evaluations.limit or args.total_timesteps
     bar = tqdm(
         total=total,
         disable=not args.progress,
-        unit="eval" if budget.limit else "step",
+        unit="eval" if evaluations.limit else "step",
         dynamic_ncols=True,
     )
 
-    spent = False  # the budget cannot pay for the episodes the next step would finish
+    # set when the limit leaves too few evaluations for the episodes the next step would finish
+    spent = False
     for iteration in range(1, args.num_iterations + 1):
         if spent:
             break
@@ -318,13 +319,13 @@ if __name__ == "__main__":
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32)
             next_obs = [to_pyg(o) for o in raw_obs]
             next_mask = torch.as_tensor(infos["action_mask"], dtype=torch.bool)
-            bar.update(0 if budget.limit else args.num_envs)
+            bar.update(0 if evaluations.limit else args.num_envs)
 
             if "final_info" in infos:
                 final = infos["final_info"]
                 for i in np.flatnonzero(infos["_final_info"]):
                     info_i = {k: v[i] for k, v in final.items() if not k.startswith("_")}
-                    if budget.limit:
+                    if evaluations.limit:
                         bar.update(1)
                     improved = best.update(info_i, float(info_i["reward"]), global_step)
                     writer.add_scalar("charts/episodic_return", info_i["reward"], global_step)
@@ -344,11 +345,11 @@ if __name__ == "__main__":
                             flops=f"-{info_i['flops_reduction']:.2f}",
                         )
             # every episode the next step finishes costs a reward evaluation: stop before one
-            # that would finish more episodes than the budget has left (the env would refuse)
+            # that would finish more episodes than the limit has left (the env would refuse)
             episode_len = np.where(next_done.numpy() > 0, 0, episode_len + 1)
-            if budget.exhausted or (
-                budget.remaining is not None
-                and int((episode_len + 1 >= base.num_layers).sum()) > budget.remaining
+            if evaluations.limit_reached or (
+                evaluations.remaining is not None
+                and int((episode_len + 1 >= base.num_layers).sum()) > evaluations.remaining
             ):
                 spent = True
                 break
@@ -460,7 +461,7 @@ if __name__ == "__main__":
     envs.close()
     finish_run(writer, args.track)
     print(
-        f"{args.env_id}: {global_step} env steps, {budget.used} reward evaluations, {time.time() - start_time:.0f}s"
+        f"{args.env_id}: {global_step} env steps, {evaluations.used} reward evaluations, {time.time() - start_time:.0f}s"
     )
     print(best.summary())
     raise SystemExit(best.exit_status())

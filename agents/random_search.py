@@ -14,7 +14,7 @@ import tyro
 from tqdm.auto import tqdm
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
-from autosculpt_env.budget import limit_reward_evaluations
+from autosculpt_env.evaluation_limit import limit_reward_evaluations
 from autosculpt_env.tracking import BestEpisode, check_args, finish_run, start_run
 
 
@@ -55,9 +55,9 @@ class Args:
 
     # Algorithm specific arguments
     num_episodes: int | None = None
-    """random episodes to play (one reward evaluation each; default: the whole budget, or 500)"""
+    """random episodes to play (one reward evaluation each; default: the limit, or 500)"""
     max_reward_evaluations: int | None = None
-    """the reward-evaluation budget (finished episodes), counted and enforced by the env"""
+    """the most reward evaluations (finished episodes) to spend, counted and enforced by the env"""
 
 
 def env_overrides(args: Args) -> dict:
@@ -87,18 +87,20 @@ if __name__ == "__main__":
     )
     base = env.unwrapped
     best = BestEpisode(env, run_dir, extra={"agent": args.exp_name, "seed": args.seed})
-    budget = limit_reward_evaluations(args.max_reward_evaluations)  # the env keeps the count
+    evaluations = limit_reward_evaluations(args.max_reward_evaluations)  # the env keeps the count
     num_episodes = args.num_episodes
     if num_episodes is None:
-        num_episodes = budget.limit if budget.limit is not None else 500
+        num_episodes = evaluations.limit if evaluations.limit is not None else 500
 
     global_step = 0
     start_time = time.time()
-    total = min(num_episodes, budget.remaining if budget.limit is not None else num_episodes)
+    total = min(
+        num_episodes, evaluations.remaining if evaluations.limit is not None else num_episodes
+    )
     bar = tqdm(total=total, disable=not args.progress, unit="eval", dynamic_ncols=True)
     _, info = env.reset(seed=args.seed)
     for _episode in range(num_episodes):
-        if budget.exhausted:
+        if evaluations.limit_reached:
             break
         # ALGO LOGIC: a uniformly random valid action for every layer
         terminated = False
@@ -129,7 +131,7 @@ if __name__ == "__main__":
     env.close()
     finish_run(writer, args.track)
     print(
-        f"{args.env_id}: {global_step} env steps, {budget.used} reward evaluations, {time.time() - start_time:.0f}s"
+        f"{args.env_id}: {global_step} env steps, {evaluations.used} reward evaluations, {time.time() - start_time:.0f}s"
     )
     print(best.summary())
     raise SystemExit(best.exit_status())

@@ -21,7 +21,8 @@ import tyro
 from tqdm.auto import tqdm
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
-from autosculpt_env.budget import BANDED_REWARDS, env_within_band, limit_reward_evaluations
+from autosculpt_env.band import BANDED_REWARDS, env_within_band
+from autosculpt_env.evaluation_limit import limit_reward_evaluations
 from autosculpt_env.tracking import BestEpisode, check_args, finish_run, start_run
 from autosculpt_env.wrappers import nearest_valid
 
@@ -63,7 +64,7 @@ class Args:
 
     # Algorithm specific arguments
     max_reward_evaluations: int | None = None
-    """the reward-evaluation budget (policies scored), counted and enforced by the env"""
+    """the most reward evaluations (policies scored) to spend, counted and enforced by the env"""
 
 
 def env_overrides(args: Args) -> dict:
@@ -122,7 +123,7 @@ if __name__ == "__main__":
     base = env.unwrapped
     problem = base.problem
     best = BestEpisode(env, run_dir, extra={"agent": args.exp_name, "seed": args.seed})
-    budget = limit_reward_evaluations(args.max_reward_evaluations)  # the env keeps the count
+    evaluations = limit_reward_evaluations(args.max_reward_evaluations)  # the env keeps the count
 
     # ALGO LOGIC: one uniform policy per catalog action, in order of nominal sparsity
     sparsity = np.asarray([a.sparsity for a in problem.catalog.actions], dtype=np.float64)
@@ -151,11 +152,13 @@ if __name__ == "__main__":
 
     global_step = 0
     start_time = time.time()
-    total = min(len(candidates), budget.remaining if budget.limit is not None else len(candidates))
+    total = min(
+        len(candidates), evaluations.remaining if evaluations.limit is not None else len(candidates)
+    )
     bar = tqdm(total=total, disable=not args.progress, unit="eval", dynamic_ncols=True)
     rows = []
     for name, policy in candidates:
-        if budget.exhausted:
+        if evaluations.limit_reached:
             break
         m = base.evaluate_policy(policy)
         # one evaluate_policy call is one reward evaluation, worth an episode of env steps
@@ -183,7 +186,7 @@ if __name__ == "__main__":
             f"FLOPs -{100 * m['flops_reduction']:.1f}%{'' if ok else ' (misses the target)'}"
         )
     print(
-        f"{args.env_id}: {global_step} env steps, {budget.used} reward evaluations, {time.time() - start_time:.0f}s"
+        f"{args.env_id}: {global_step} env steps, {evaluations.used} reward evaluations, {time.time() - start_time:.0f}s"
     )
     print(best.summary())
     raise SystemExit(best.exit_status())

@@ -180,7 +180,7 @@ def _check_fields(d) -> None:
     extra = d.get("extra", {})
     if not isinstance(extra, dict) or not _is_json_value(extra):
         raise ValueError("extra must be an object of plain JSON values")
-    _check_budget_stamp(d.get("reward_evaluations"))
+    _check_evaluation_stamp(d.get("reward_evaluations"))
     table = d.get("latency_table")
     if table is not None and not (
         isinstance(table, str)
@@ -196,9 +196,9 @@ def _is_count(v, low: int = 1) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
-def _check_budget_stamp(stamp) -> None:
-    """``reward_evaluations``: absent/None (records made before the env kept the budget) or
-    ``{"used": n, "limit": L}`` as :mod:`autosculpt_env.budget` writes it."""
+def _check_evaluation_stamp(stamp) -> None:
+    """``reward_evaluations``: absent/None (records made before the env kept the count) or
+    ``{"used": n, "limit": L}`` as :mod:`autosculpt_env.evaluation_limit` writes it."""
     if stamp is None:
         return
     if not isinstance(stamp, dict) or set(stamp) != {"used", "limit"}:
@@ -225,8 +225,8 @@ class EpisodeRecord:
             reward, flops, params (as the env reported them).
         version: package version that produced the record.
         extra: free-form facts (agent, seed, step at which it was found ...).
-        reward_evaluations: written by the env (:mod:`autosculpt_env.budget`): the count of
-            reward evaluations at which this episode was scored and the budget's limit,
+        reward_evaluations: written by the env (:mod:`autosculpt_env.evaluation_limit`): the
+            count of reward evaluations at which this episode was scored and the limit,
             ``{"used": n, "limit": L}`` (``None`` in records made before the env kept it).
         latency_table: the key of the latency table that gave ``metrics["latency_reduction"]``
             (:func:`autosculpt_env.latency.table_key`; ``None`` without one). The table is

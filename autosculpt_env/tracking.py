@@ -5,11 +5,11 @@
   there is no API key or no network, and a wandb failure only prints a warning: tracking
   never blocks or kills a run.
 * :class:`BestEpisode` keeps the best episode by reward among those whose FLOPs reduction
-  lies in the task's band (:func:`autosculpt_env.budget.env_within_band`) and writes it as a
+  lies in the task's band (:func:`autosculpt_env.band.env_within_band`) and writes it as a
   replayable record to ``runs/<run_name>/best.json`` whenever it improves.
 
-The reward-evaluation budget is not kept here: the env counts and enforces it
-(:mod:`autosculpt_env.budget`); agents read ``budget.remaining`` to stop in time.
+The reward-evaluation limit is not kept here: the env counts and enforces it
+(:mod:`autosculpt_env.evaluation_limit`); agents read its ``remaining`` to stop in time.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .budget import env_within_band
+from .band import env_within_band
 from .records import EpisodeRecord
 
 #: seconds wandb may take to start online, and to reach its server before we go offline
@@ -129,12 +129,10 @@ def check_args(args) -> None:
     threads = getattr(args, "threads", 1)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise SystemExit(f"error: --threads must be an integer >= 1, got {threads!r}")
-    budget = getattr(args, "max_reward_evaluations", None)
-    if budget is not None and (
-        isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
-    ):
+    limit = getattr(args, "max_reward_evaluations", None)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise SystemExit(
-            f"error: --max-reward-evaluations must be an integer >= 1 (or omitted), got {budget!r}"
+            f"error: --max-reward-evaluations must be an integer >= 1 (or omitted), got {limit!r}"
         )
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs"):
         value = getattr(args, name, 1)  # vector agents' loop sizes: 0 would divide by zero
@@ -204,7 +202,7 @@ class BestEpisode:
     def exit_status(self) -> int:
         """0 when a best episode was recorded; else 1, after saying why on stderr.
 
-        A search that finished no episode (e.g. a budget of reward evaluations below the
+        A search that finished no episode (e.g. a limit of reward evaluations below the
         number of parallel envs), or none inside the FLOPs band, wrote no ``best.json``: it
         must not look like a success.
         """

@@ -12,7 +12,7 @@ run your own agent.
     python benchmarks/leaderboard.py --track full --jobs 2    # the full track (2 cores)
     python benchmarks/leaderboard.py --track full-large --backend ray --address auto
     python benchmarks/leaderboard.py --only-render --validate # table and plots from the rows
-    python benchmarks/leaderboard.py --dataset digits --budget 10 \\
+    python benchmarks/leaderboard.py --dataset digits --max-reward-evaluations 10 \\
         --rows-dir /tmp/rows --work-dir /tmp/runs --output /tmp/LB.md --plots-dir /tmp/plots
 """
 

@@ -1,14 +1,14 @@
 """A minimal leaderboard agent that is not one of the reference agents: a (1+1) hill climber.
 
 It starts from one random episode, then repeatedly moves one layer one pruning level up or
-down and keeps the move when the reward improves, until the budget is spent. It shows the
+down and keeps the move when the reward improves, until the evaluation limit is spent. It shows the
 whole contract of docs/SUBMITTING.md and nothing else:
 
 * it accepts the harness's options (``--env-id``, ``--dataset``, ``--evaluation``,
   ``--target-flops-reduction``, ``--seed``, ``--max-reward-evaluations``, ``--threads``,
   ``--output-dir``, ``--run-name``, ``--no-progress``);
 * it asks the env for rewards only (episodes or ``evaluate_policy``); the env counts them
-  and refuses past the budget, so the agent only has to stop when ``budget.exhausted``;
+  and refuses past the limit, so the agent only has to stop when ``evaluations.limit_reached``;
 * it keeps the best policy whose FLOPs reduction lies in the band and writes it, as the
   env's own episode record, to ``OUTPUT_DIR/RUN_NAME/best.json``;
 * it exits with a non-zero status when it has no answer.
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 import autosculpt_env  # noqa: F401  (registers the env ids)
-from autosculpt_env.budget import env_within_band, limit_reward_evaluations
+from autosculpt_env.band import env_within_band
+from autosculpt_env.evaluation_limit import limit_reward_evaluations
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,7 +51,7 @@ def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
-    budget = limit_reward_evaluations(args.max_reward_evaluations)
+    evaluations = limit_reward_evaluations(args.max_reward_evaluations)
     overrides = {
         k: v
         for k, v in (
@@ -88,7 +89,7 @@ def main() -> int:
     current_reward = info["reward"]
 
     # hill climbing: one layer one level up or down, kept when the reward improves
-    while not budget.exhausted:
+    while not evaluations.limit_reached:
         for _ in range(100):  # find a move the action wall allows, inside the band
             i = int(rng.integers(base.num_layers))
             levels = [a for a in np.argsort(sparsity) if problem.valid[i, a]]
@@ -107,7 +108,7 @@ def main() -> int:
             current, current_reward = move, metrics["reward"]
 
     env.close()
-    print(f"{budget.used} reward evaluations; best reward {best and best['reward']}")
+    print(f"{evaluations.used} reward evaluations; best reward {best and best['reward']}")
     if best is None:
         print("error: no policy inside the FLOPs band was found", file=sys.stderr)
         return 1

@@ -1,10 +1,10 @@
 """Smoke runs of the reference agents (CleanRL style: each agent is run as a program with a
-tiny budget on the digits twin of AutoSculpt-ResNet).
+tiny limit of reward evaluations on the digits twin of AutoSculpt-ResNet).
 
 Each run is made once (module-scoped fixture) and checked twice: the best episode it writes
-replays and lands in the FLOPs band, and the reward-evaluation budget is never exceeded. The
-budget is set as the leaderboard sets it (in the agent's environment) and read back from the
-env's ledger and the record's stamp, never from the agent's printout.
+replays and lands in the FLOPs band, and the limit of reward evaluations is never exceeded.
+The limit is set as the leaderboard sets it (in the agent's environment) and read back from
+the env's ledger and the record's stamp, never from the agent's printout.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from autosculpt_env.budget import LEDGER_ENV, MAX_ENV, within_band
+from autosculpt_env.band import within_band
+from autosculpt_env.evaluation_limit import LEDGER_ENV, MAX_ENV
 from autosculpt_env.records import EpisodeRecord, replay
 
 ROOT = Path(__file__).resolve().parents[1]
-# the plain accuracy reward keeps these runs fast (the loop and the budget are what is
+# the plain accuracy reward keeps these runs fast (the loop and the limit are what is
 # tested); one run below keeps the id's own default reward (recovery)
 COMMON = ["--env-id", "AutoSculpt-ResNet", "--dataset", "digits", "--no-progress", "--threads", "1"]
 FAST = ["--evaluation", "accuracy"]
 
-# (run id, agent file, extra arguments, budget, whether the agent must spend all of it)
+# (run id, agent file, extra arguments, limit, whether the agent must spend all of it)
 RUNS = [
     ("ppo_mlp", "ppo_mlp", [], 8, True),  # 4 envs finish together: a multiple of 4 is spent
     ("ppo_mlp-partial", "ppo_mlp", [], 6, False),  # stops at 4 rather than overshoot to 8
@@ -50,11 +51,11 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
 
     def run(spec):
-        run_id, agent, extra, budget, _ = spec
+        run_id, agent, extra, limit, _ = spec
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-        env.update({MAX_ENV: str(budget), LEDGER_ENV: str(out / f"{run_id}.ledger.json")})
+        env.update({MAX_ENV: str(limit), LEDGER_ENV: str(out / f"{run_id}.ledger.json")})
         cmd = [sys.executable, str(ROOT / "agents" / f"{agent}.py"), *COMMON, *extra]
-        cmd += ["--max-reward-evaluations", str(budget), "--output-dir", str(out)]
+        cmd += ["--max-reward-evaluations", str(limit), "--output-dir", str(out)]
         cmd += ["--run-name", run_id]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         return run_id, (proc, out / run_id)
@@ -82,17 +83,17 @@ def test_agent_writes_a_replayable_best_episode(runs, run_id):
 
 
 @pytest.mark.parametrize("run_id", [r[0] for r in RUNS])
-def test_agent_respects_the_evaluation_budget(runs, run_id):
+def test_agent_respects_the_evaluation_limit(runs, run_id):
     proc, run_dir = runs[run_id]
-    _, _, _, budget, spends_all = next(r for r in RUNS if r[0] == run_id)
+    _, _, _, limit, spends_all = next(r for r in RUNS if r[0] == run_id)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ledger = json.loads((run_dir.parent / f"{run_id}.ledger.json").read_text())
     used = ledger["used"]
-    assert ledger["limit"] == budget and 0 < used <= budget
+    assert ledger["limit"] == limit and 0 < used <= limit
     if spends_all:
-        assert used == budget
+        assert used == limit
     record = EpisodeRecord.load(run_dir / "best.json")
-    assert record.reward_evaluations["limit"] == budget
+    assert record.reward_evaluations["limit"] == limit
     assert 0 < record.reward_evaluations["used"] <= used
     # the env's progress curve ends at the best in-band reward, which the agent reported
     assert ledger["progress"][-1][1] == round(record.metrics["reward"], 6)

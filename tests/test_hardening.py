@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import autosculpt_env  # noqa: F401
-from autosculpt_env import budget, cli, records, tracking, zoo
+from autosculpt_env import cli, evaluation_limit, records, tracking, zoo
 from autosculpt_env import leaderboard as lb
 from autosculpt_env.patterns import Action, Catalog, get_catalog
 from autosculpt_env.problem import PruningProblem
@@ -60,10 +60,14 @@ def record(env):
 
 @pytest.fixture(scope="module")
 def row(tmp_path_factory):
-    """One real leaderboard row: random search, budget 2, fine-tuned on 64 images."""
+    """One real leaderboard row: random search, 2 reward evaluations, fine-tuned on 64 images."""
     work = tmp_path_factory.mktemp("board")
     protocol = lb.make_protocol(
-        budget=2, seeds=[1], dataset="digits", finetune_epochs=1, finetune_samples=64
+        max_reward_evaluations=2,
+        seeds=[1],
+        dataset="digits",
+        finetune_epochs=1,
+        finetune_samples=64,
     )
     r = lb.run_one(TASK, "random_search", 1, protocol, work / "runs")
     return json.loads(json.dumps(r))
@@ -150,7 +154,7 @@ def test_leaderboard_task_cannot_import_a_module(tmp_path, monkeypatch):
     (tmp_path / "eviltask.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     script, ran = _fake_agent(tmp_path)
-    protocol = lb.make_protocol(budget=2, seeds=[1], dataset="digits")
+    protocol = lb.make_protocol(max_reward_evaluations=2, seeds=[1], dataset="digits")
     task = lb.Task.parse("eviltask:AutoSculpt-ResNet@0.5")
     with pytest.raises(ValueError, match="not a registered AutoSculpt id"):
         lb.run_all(protocol, [task], [str(script)], tmp_path / "rows", tmp_path / "runs")
@@ -243,7 +247,7 @@ def test_second_runner_on_a_folder_stops(tmp_path, held):
     fd = os.open(tmp_path / held, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)  # the first runner
     try:
-        protocol = lb.make_protocol(budget=2, seeds=[1], dataset="digits")
+        protocol = lb.make_protocol(max_reward_evaluations=2, seeds=[1], dataset="digits")
         with pytest.raises(ValueError, match="in use by another leaderboard runner"):
             lb.run_all(
                 protocol,
@@ -285,7 +289,7 @@ def test_agent_that_finishes_no_episode_fails(agent, args, tmp_path, monkeypatch
     argv += ["--evaluation", "accuracy", "--threads", "1", "--no-progress", *args]
     argv += ["--output-dir", str(tmp_path), "--run-name", "r"]
     monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.setattr(budget, "_PROCESS", None)  # the agent's limit ends with the test
+    monkeypatch.setattr(evaluation_limit, "_PROCESS", None)  # the agent's limit ends with the test
     # in-process (runpy): the agent's imports are already loaded
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(ROOT / "agents" / f"{agent}.py"), run_name="__main__")
@@ -307,7 +311,7 @@ def test_agent_that_finishes_no_episode_fails(agent, args, tmp_path, monkeypatch
     ],
     ids=[
         "threads-0",
-        "negative-budget",
+        "negative-limit",
         "unknown-env-id",
         "no-envs",
         "no-minibatch",
@@ -340,7 +344,7 @@ def test_cli_refuses_threads_zero(capsys):
 def test_unwritable_rows_folder_is_found_before_any_work(tmp_path):
     script, marker = _fake_agent(tmp_path)
     (tmp_path / "file").write_text("")
-    protocol = lb.make_protocol(budget=2, seeds=[1], dataset="digits")
+    protocol = lb.make_protocol(max_reward_evaluations=2, seeds=[1], dataset="digits")
     with pytest.raises(ValueError, match="rows folder .* is not writable.*Nothing was run"):
         lb.run_all(protocol, [TASK], [str(script)], tmp_path / "file" / "rows", tmp_path / "runs")
     assert not marker.exists()
@@ -350,7 +354,7 @@ def test_unwritable_rows_folder_is_found_before_any_work(tmp_path):
 def test_read_only_rows_folder_is_found_before_any_work(tmp_path):
     script, marker = _fake_agent(tmp_path)
     (tmp_path / "rows").mkdir(mode=0o500)
-    protocol = lb.make_protocol(budget=2, seeds=[1], dataset="digits")
+    protocol = lb.make_protocol(max_reward_evaluations=2, seeds=[1], dataset="digits")
     with pytest.raises(ValueError, match="not writable"):
         lb.run_all(protocol, [TASK], [str(script)], tmp_path / "rows", tmp_path / "runs")
     assert not marker.exists()
@@ -495,7 +499,7 @@ def test_killed_runner_ends_its_agent(tmp_path):
     )
     code = (
         "from autosculpt_env import leaderboard as lb\n"
-        "p = lb.make_protocol(budget=2, seeds=[1], dataset='digits')\n"
+        "p = lb.make_protocol(max_reward_evaluations=2, seeds=[1], dataset='digits')\n"
         f"lb.run_one(lb.Task('AutoSculpt-ResNet', 0.5), {str(agent)!r}, 1, p, {str(tmp_path)!r})\n"
     )
     runner = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
@@ -599,7 +603,9 @@ def test_finetune_samples_larger_than_the_split_are_refused_first(record, tmp_pa
 
 def test_protocol_finetune_samples_larger_than_the_split_stop_the_run_first(tmp_path):
     script, marker = _fake_agent(tmp_path)
-    protocol = lb.make_protocol(budget=2, seeds=[1], dataset="digits", finetune_samples=100000)
+    protocol = lb.make_protocol(
+        max_reward_evaluations=2, seeds=[1], dataset="digits", finetune_samples=100000
+    )
     with pytest.raises(ValueError, match=r"AutoSculpt-ResNet@0.5: finetune_samples=100000 .*"):
         lb.run_all(protocol, [TASK], [str(script)], tmp_path / "rows", tmp_path / "runs")
     assert not marker.exists()

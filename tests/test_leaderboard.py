@@ -1,6 +1,6 @@
 """The leaderboard harness end to end on the digits twin of AutoSculpt-ResNet.
 
-Two agents (random search, uniform) x two seeds, a budget of 5 reward evaluations and a
+Two agents (random search, uniform) x two seeds, a limit of 5 reward evaluations and a
 one-epoch fine-tune on 256 images (the full track's protocol, made small). The harness is
 started as a program, killed as soon as its first row is written, and resumed: no row may be
 lost, redone or duplicated, and every row must validate by replay. The committed rows of the
@@ -28,7 +28,7 @@ OPTIONS = dict(
     tasks=[TASK],
     agents=AGENTS,
     seeds=SEEDS,
-    budget=5,
+    max_reward_evaluations=5,
     dataset="digits",
     finetune_epochs=1,
     finetune_samples=256,
@@ -37,7 +37,8 @@ OPTIONS = dict(
 
 def _argv(opts: dict, paths: dict) -> list[str]:
     argv = ["--tasks", *opts["tasks"], "--agents", *opts["agents"]]
-    argv += ["--seeds", *map(str, opts["seeds"]), "--budget", str(opts["budget"])]
+    argv += ["--seeds", *map(str, opts["seeds"])]
+    argv += ["--max-reward-evaluations", str(opts["max_reward_evaluations"])]
     argv += ["--dataset", opts["dataset"], "--finetune-epochs", str(opts["finetune_epochs"])]
     argv += ["--finetune-samples", str(opts["finetune_samples"]), "--no-progress"]
     for key in ("rows_dir", "work_dir", "output", "plots_dir"):
@@ -63,7 +64,7 @@ def board(tmp_path_factory):
     killed_early = code == -signal.SIGKILL
 
     protocol = lb.make_protocol(
-        OPTIONS["budget"],
+        OPTIONS["max_reward_evaluations"],
         SEEDS,
         OPTIONS["dataset"],
         finetune_epochs=OPTIONS["finetune_epochs"],
@@ -117,7 +118,7 @@ def test_kill_and_resume_loses_and_duplicates_nothing(board):
 def test_rows_hold_the_protocols_facts(board):
     for r in board["rows"]:
         assert r["schema"] == lb.ROW_SCHEMA == 2 and r["track"] == "custom"
-        assert r["budget"] == 5 and 0 < r["reward_evaluations"] <= 5
+        assert r["max_reward_evaluations"] == 5 and 0 < r["reward_evaluations"] <= 5
         # the env's count, written by the env into the record, not the agent's word
         assert r["record"]["reward_evaluations"] == {"used": r["found_at_evaluation"], "limit": 5}
         assert r["dataset"] == "digits" and r["target"] == 0.5
@@ -203,7 +204,7 @@ def test_validate_command_fails_on_a_tampered_row(board, tmp_path, capsys):
 
 
 def test_a_rows_dir_holds_one_protocol(board, tmp_path):
-    other = lb.make_protocol(budget=7, seeds=SEEDS, dataset="digits")
+    other = lb.make_protocol(max_reward_evaluations=7, seeds=SEEDS, dataset="digits")
     with pytest.raises(ValueError, match="another protocol"):
         lb.run_all(
             other,
@@ -238,20 +239,22 @@ def test_tasks_and_protocol():
     assert lb.Task.parse("AutoSculpt-VGG") == lb.Task("AutoSculpt-VGG", 0.5)
     with pytest.raises(ValueError):
         lb.Task.parse("AutoSculpt-VGG@1.5")
-    p = lb.Protocol(budget=10, seeds=(1, 2))
+    p = lb.Protocol(max_reward_evaluations=10, seeds=(1, 2))
     assert lb.Protocol.from_dict(json.loads(json.dumps(p.to_dict()))) == p
-    assert lb.Protocol(budget=10, seeds=(3,)).key() == p.key()  # seeds can be added later
-    assert lb.Protocol(budget=11).key() != p.key()
-    assert lb.Protocol(budget=10, flops_band=0.05).key() != p.key()
+    assert (
+        lb.Protocol(max_reward_evaluations=10, seeds=(3,)).key() == p.key()
+    )  # seeds can be added later
+    assert lb.Protocol(max_reward_evaluations=11).key() != p.key()
+    assert lb.Protocol(max_reward_evaluations=10, flops_band=0.05).key() != p.key()
     # the tracks: fixed protocols with their keys, the sizes the issue asks for
     fast, full = lb.TRACKS["fast"], lb.TRACKS["full"]
-    assert fast.budget >= 1000 and len(fast.seeds) >= 10 and not fast.finetunes
+    assert fast.max_reward_evaluations >= 1000 and len(fast.seeds) >= 10 and not fast.finetunes
     assert full.finetunes and len(full.seeds) >= 5 and fast.key() != full.key()
     assert lb.make_protocol(track="fast").key() == fast.key()
     assert lb.track_of(lb.make_protocol(track="full", threads=2)) == "full"  # not in the key
-    assert lb.track_of(lb.make_protocol(track="full", budget=7)) == "custom"
+    assert lb.track_of(lb.make_protocol(track="full", max_reward_evaluations=7)) == "custom"
     for large in ("fast-large", "full-large"):
-        assert lb.TRACKS[large].budget > lb.TRACKS[large[:4]].budget
+        assert lb.TRACKS[large].max_reward_evaluations > lb.TRACKS[large[:4]].max_reward_evaluations
     with pytest.raises(FileNotFoundError, match="no agent"):
         lb.agent_script("no_such_agent")
 

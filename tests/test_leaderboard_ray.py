@@ -14,7 +14,7 @@ from autosculpt_env import leaderboard as lb
 
 TASK = lb.Task("AutoSculpt-ResNet", 0.5)
 AGENTS = ["random_search", "uniform"]
-OPTIONS = dict(budget=4, dataset="digits", finetune_epochs=1, finetune_samples=64)
+OPTIONS = dict(max_reward_evaluations=4, dataset="digits", finetune_epochs=1, finetune_samples=64)
 # what differs between two runs of the same row: timings (the measured speedup too), dates,
 # where the runs were
 VOLATILE = ("search_seconds", "score_seconds", "speedup", "created", "command", "_path")
@@ -56,7 +56,8 @@ def test_killed_ray_sweep_resumes_with_no_row_lost_or_duplicated(cluster, tmp_pa
     seeds = [1, 2]
     paths = {"rows_dir": tmp_path / "rows", "work_dir": tmp_path / "runs"}
     argv = ["--tasks", TASK.name, "--agents", *AGENTS, "--seeds", *map(str, seeds)]
-    argv += ["--budget", str(OPTIONS["budget"]), "--dataset", OPTIONS["dataset"]]
+    argv += ["--max-reward-evaluations", str(OPTIONS["max_reward_evaluations"])]
+    argv += ["--dataset", OPTIONS["dataset"]]
     argv += ["--finetune-epochs", "1", "--finetune-samples", "64", "--no-progress"]
     argv += ["--backend", "ray", "--address", cluster]
     argv += ["--rows-dir", str(paths["rows_dir"]), "--work-dir", str(paths["work_dir"])]

@@ -21,8 +21,8 @@ TASK = lb.Task("AutoSculpt-ResNet", 0.5)
 @pytest.mark.parametrize(
     "track, options",
     [
-        ("full", dict(budget=6, finetune_epochs=1, finetune_samples=64)),
-        ("fast", dict(budget=30)),
+        ("full", dict(max_reward_evaluations=6, finetune_epochs=1, finetune_samples=64)),
+        ("fast", dict(max_reward_evaluations=30)),
     ],
 )
 def test_example_agent_on_both_tracks(track, options, tmp_path):
@@ -33,7 +33,9 @@ def test_example_agent_on_both_tracks(track, options, tmp_path):
     assert not result["failed"], result["failed"]
     [row] = lb.load_rows(tmp_path / "rows")
     assert row["agent"] == "my_agent" and row["track"] == "custom"
-    assert row["reward_evaluations"] == options["budget"]  # the env's count, from its ledger
+    assert (
+        row["reward_evaluations"] == options["max_reward_evaluations"]
+    )  # the env's count, from its ledger
     assert 0.5 <= row["flops_reduction"] <= 0.55
     if track == "fast":  # scored by the high-fidelity reward: no fine-tuning, no test split
         assert row["record"]["env_kwargs"]["evaluation"] == lb.FAST.evaluation
@@ -95,7 +97,9 @@ def test_an_agent_that_changes_its_env_is_refused(tmp_path):
         "gym.make = functools.partial(gym.make, band_tolerance=0.3)\n"
         f"runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')\n"
     )
-    protocol = lb.make_protocol(seeds=[1], dataset="digits", budget=4, finetune_samples=64)
+    protocol = lb.make_protocol(
+        seeds=[1], dataset="digits", max_reward_evaluations=4, finetune_samples=64
+    )
     result = lb.run_all(
         protocol, [TASK], [str(cheat)], tmp_path / "rows", tmp_path / "runs", progress=False
     )

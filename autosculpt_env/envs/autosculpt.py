@@ -13,8 +13,8 @@ from gymnasium import spaces
 from torch import nn
 
 from .. import data as data_mod
-from ..budget import current as reward_budget
-from ..budget import env_within_band
+from .. import evaluation_limit
+from ..band import env_within_band
 from ..evaluation import (
     BN_RECALIBRATION_SAMPLES,
     CALIBRATION_SAMPLES,
@@ -164,10 +164,10 @@ class AutoSculptEnv(gym.Env):
     ``terminated=True`` after the last prunable layer is decided. There is no truncation.
     The terminal ``info`` adds ``accuracy``, ``dense_accuracy``, ``flops_reduction``,
     ``params_reduction``, ``pruning_rate``, ``flops``, ``params`` and ``policy`` (the
-    action name per layer) and ``reward_evaluations`` (the count of the process's
-    reward-evaluation budget at which this episode was scored, :mod:`autosculpt_env.budget`:
+    action name per layer) and ``reward_evaluations`` (the process's count of reward
+    evaluations at which this episode was scored, :mod:`autosculpt_env.evaluation_limit`:
     every finished episode and ``evaluate_policy`` call counts one, and one past the
-    budget's limit raises ``BudgetExhausted`` before anything is scored);
+    limit raises ``EvaluationLimitReached`` before anything is scored);
     ``env.unwrapped.episode_record()`` returns a replayable
     :class:`~autosculpt_env.records.EpisodeRecord`, stamped with that count. ``params``
     counts the parameters the pruned network needs: not those held at zero nor those that
@@ -596,7 +596,8 @@ class AutoSculptEnv(gym.Env):
 
     def _metrics(self, policy: list[int]) -> dict:
         p = self.problem
-        count = reward_budget().charge()  # before anything is scored: never past the limit
+        # charged before anything is scored: never past the limit
+        count = evaluation_limit.current().charge()
         self.num_reward_evaluations += 1
         acc = self._reward_evaluator(policy)
         flops = p.policy_flops(policy)
@@ -615,7 +616,7 @@ class AutoSculptEnv(gym.Env):
             self.target_latency,
         )
         dense_acc = self._reward_evaluator.dense_accuracy
-        reward_budget().report(count, float(reward), env_within_band(self, reduction))
+        evaluation_limit.current().report(count, float(reward), env_within_band(self, reduction))
         extra = {} if latency is None else {"latency_reduction": float(latency)}
         return {
             "accuracy": float(acc),
@@ -683,7 +684,7 @@ class AutoSculptEnv(gym.Env):
             metrics={k: metrics[k] for k in METRICS + OPTIONAL_METRICS if k in metrics},
             latency_table=None if self.latency is None else self.latency.key,
             reward_evaluations=(
-                reward_budget().stamp(metrics["reward_evaluations"])
+                evaluation_limit.current().stamp(metrics["reward_evaluations"])
                 if metrics.get("reward_evaluations") is not None
                 else None
             ),

@@ -1,9 +1,9 @@
 """The leaderboard: fixed tasks and protocols, agents run as programs, rows that replay.
 
 The harness owns everything but the search (CompilerGym's rule: a method only supplies a
-policy): the env counts the search's reward evaluations (:mod:`autosculpt_env.budget`), the
-harness checks and scores the best policy it found, and every number of a row can be
-measured again. One module per responsibility:
+policy): the env counts the search's reward evaluations
+(:mod:`autosculpt_env.evaluation_limit`), the harness checks and scores the best policy it
+found, and every number of a row can be measured again. One module per responsibility:
 
 * :mod:`.protocol`: :class:`Task`, :data:`TASKS`, :class:`Protocol` and the two tracks
   (:data:`TRACKS`: ``fast`` and ``full``, and their larger versions);

@@ -133,7 +133,7 @@ def agent_command(
     if protocol.evaluation != "accuracy":
         cmd += ["--evaluation", protocol.evaluation]
     cmd += ["--target-flops-reduction", f"{task.target_flops_reduction:g}"]
-    cmd += ["--seed", str(seed), "--max-reward-evaluations", str(protocol.budget)]
+    cmd += ["--seed", str(seed), "--max-reward-evaluations", str(protocol.max_reward_evaluations)]
     cmd += ["--threads", str(protocol.threads)]
     cmd += ["--output-dir", str(runs_dir), "--run-name", name, "--no-progress"]
     cmd += list(protocol.agent_args.get(program.name, ()))

@@ -5,8 +5,9 @@
     python benchmarks/leaderboard.py --track full --jobs 2        # the full track
     python benchmarks/leaderboard.py --track full --backend ray --address auto   # on a cluster
     python benchmarks/leaderboard.py --only-render --validate     # tables and plots from rows
-    python benchmarks/leaderboard.py --dataset digits --budget 10 --rows-dir /tmp/rows \\
-        --work-dir /tmp/runs --output /tmp/LB.md --plots-dir /tmp/plots   # a digits twin
+    python benchmarks/leaderboard.py --dataset digits --max-reward-evaluations 10 \\
+        --rows-dir /tmp/rows --work-dir /tmp/runs \\
+        --output /tmp/LB.md --plots-dir /tmp/plots   # a digits twin
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .sweep import BACKENDS
 
     tracks = ", ".join(
-        f"{n}: {t.budget} evaluations x {len(t.seeds)} seeds" for n, t in TRACKS.items()
+        f"{n}: {t.max_reward_evaluations} evaluations x {len(t.seeds)} seeds"
+        for n, t in TRACKS.items()
     )
     proto = p.add_argument_group("protocol (defaults: the track's)")
     proto.add_argument(
@@ -68,7 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     proto.add_argument("--seeds", nargs="+", type=int, default=None, help="agent seeds")
     proto.add_argument(
-        "--budget", type=positive_int, default=None, help="reward evaluations per search"
+        "--max-reward-evaluations",
+        type=positive_int,
+        default=None,
+        help="reward evaluations each search may spend (passed to the agents)",
     )
     proto.add_argument(
         "--dataset", default=None, help="override every task's dataset (digits: a fast twin)"
@@ -141,7 +146,7 @@ def command(
     tasks: Sequence[str] | None = None,
     agents: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
-    budget: int | None = None,
+    max_reward_evaluations: int | None = None,
     dataset: str | None = None,
     evaluation: str | None = None,
     score: str | None = None,
@@ -176,7 +181,7 @@ def command(
     rows_dir = rows_dir or default_rows_dir(track)
     work_dir = work_dir or default_work_dir(track)
     protocol = make_protocol(
-        budget,
+        max_reward_evaluations,
         seeds,
         dataset,
         evaluation,

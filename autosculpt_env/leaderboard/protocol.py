@@ -1,27 +1,28 @@
 """Tasks, protocols and the two tracks: everything that decides a row besides the agent.
 
 A :class:`Task` is a registered env id and the FLOPs reduction it must reach. A
-:class:`Protocol` fixes the search budget (reward evaluations, counted by the env), the
-seeds, the reward the search sees, the FLOPs band the answer must land in, and how the
-answer is scored. Its :meth:`Protocol.key` fingerprints what makes rows comparable; rows of
-different keys never share a table.
+:class:`Protocol` fixes how many reward evaluations a search may spend (counted by the
+env), the seeds, the reward the search sees, the FLOPs band the answer must land in, and
+how the answer is scored. Its :meth:`Protocol.key` fingerprints what makes rows
+comparable; rows of different keys never share a table.
 
 The two tracks (:data:`TRACKS`) are fixed protocols:
 
 * ``fast``: the search sees the cheap surrogate reward (:data:`FAST_SEARCH_EVALUATION`),
-  with a budget where learning happens (1,000 episodes) and 10 seeds; the best policy is
-  scored by the high-fidelity reward :data:`FAST_SCORE_EVALUATION` on the ``reward``
-  split, whose agreement with the fine-tuned test accuracy the reward-fidelity table
-  publishes (README, "Reward fidelity"). A row costs seconds: no fine-tuning.
+  with enough reward evaluations for learning to happen (1,000 episodes) and 10 seeds;
+  the best policy is scored by the high-fidelity reward :data:`FAST_SCORE_EVALUATION` on
+  the ``reward`` split, whose agreement with the fine-tuned test accuracy the
+  reward-fidelity table publishes (README, "Reward fidelity"). A row costs seconds: no
+  fine-tuning.
 * ``full``: the search sees the env's default reward (:data:`DEFAULT_EVALUATION`) with the
-  budget a CPU affords (25 reward evaluations) and 5 seeds; the best policy is fine-tuned with the fixed recipe and
-  scored by top-1 test accuracy, as in the first leaderboard.
+  reward evaluations a CPU affords (25) and 5 seeds; the best policy is fine-tuned with the
+  fixed recipe and scored by top-1 test accuracy, as in the first leaderboard.
 
 Each is sized to regenerate on 2 CPU cores in about 2 hours (``--jobs 2``; resumable, so it
 may run in parts): see ``docs/SUBMITTING.md`` for the arithmetic. ``fast-large`` and
-``full-large`` are the same protocols with 10x the budget and more seeds, for a GPU machine
-or a Ray cluster (``--backend ray``); their rows are a different protocol and never mix with
-the 2-core ones.
+``full-large`` are the same protocols with 10x the reward evaluations and more seeds, for a
+GPU machine or a Ray cluster (``--backend ray``); their rows are a different protocol and
+never mix with the 2-core ones.
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ TASKS: tuple[Task, ...] = (
 # fields added after the first leaderboard, with the values its rows implicitly had: they
 # enter the key only when set otherwise, so the first leaderboard's keys stay valid
 _LATER_FIELDS = {"name": None, "score": FINETUNE_SCORE, "flops_band": None}
+# fields renamed since the first leaderboard, with the name they had then: rows written
+# before hold that name, and the key is computed with it, so no key changes with a name
+_EARLIER_NAMES = {"max_reward_evaluations": "budget"}
 # fields that do not change what a row means
 _NOT_IN_KEY = ("seeds", "threads", "agent_timeout_s", "gpus", "name")
 
@@ -101,8 +105,9 @@ class Protocol:
     """Everything that decides a leaderboard row besides the agent.
 
     Attributes:
-        budget: reward evaluations each search may spend (``--max-reward-evaluations``;
-            the env counts and enforces it, :mod:`autosculpt_env.budget`).
+        max_reward_evaluations: reward evaluations each search may spend (the agents'
+            ``--max-reward-evaluations``; the env counts and enforces it,
+            :mod:`autosculpt_env.evaluation_limit`).
         seeds: agent seeds (each seed also seeds its fine-tuning).
         reward_samples: reward-split images per evaluation, or the whole split when it
             holds fewer (the digits twins' holds 120). The agents do not take it on their
@@ -126,7 +131,7 @@ class Protocol:
         gpus: GPUs each run asks for on a Ray cluster (not in the key).
     """
 
-    budget: int = 100
+    max_reward_evaluations: int = 100
     seeds: tuple[int, ...] = (1, 2, 3)
     reward_samples: int = 2048
     evaluation: str = "accuracy"
@@ -145,8 +150,11 @@ class Protocol:
         def integer(value, low: int) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
-        if not integer(self.budget, 1):
-            raise ValueError(f"budget must be >= 1 reward evaluation, got {self.budget!r}")
+        if not integer(self.max_reward_evaluations, 1):
+            raise ValueError(
+                "max_reward_evaluations must be an integer >= 1, got "
+                f"{self.max_reward_evaluations!r}"
+            )
         if not self.seeds or not all(integer(s, 0) for s in self.seeds):
             raise ValueError(f"seeds must be one or more integers >= 0, got {self.seeds!r}")
         if len(set(self.seeds)) != len(self.seeds):
@@ -211,6 +219,9 @@ class Protocol:
         """A protocol from :meth:`to_dict` (or a first-leaderboard row's, which lacks the
         later fields)."""
         d = dict(d)
+        for name, earlier in _EARLIER_NAMES.items():
+            if earlier in d and name not in d:
+                d[name] = d.pop(earlier)
         if d.get("finetune_recipe") is not None:
             d["finetune_recipe"] = Recipe(**d["finetune_recipe"])
         d["seeds"] = tuple(d.get("seeds", ()))
@@ -228,6 +239,8 @@ class Protocol:
         for k, first in _LATER_FIELDS.items():
             if k in d and d[k] == first:
                 d.pop(k)
+        for name, earlier in _EARLIER_NAMES.items():
+            d[earlier] = d.pop(name)
         if d["finetune_recipe"] is None:  # the defaults are part of the protocol too
             d["finetune_recipe"] = {k: r.to_dict() for k, r in sorted(FINETUNE_RECIPES.items())}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -257,7 +270,7 @@ class Protocol:
         else:
             scored = f"the `{self.score}` reward of the best policy on the reward split"
         return (
-            f"{self.budget} reward evaluations per search, reward "
+            f"{self.max_reward_evaluations} reward evaluations per search, reward "
             f"`{self.evaluation}` on (up to) {self.reward_samples} reward-split images"
             + (f", dataset override `{self.dataset}`" if self.dataset else "")
             + f"{band}; score: {scored}; seeds {_ranges(self.seeds)}."
@@ -281,7 +294,7 @@ def _ranges(seeds: Sequence[int]) -> str:
 
 FAST = Protocol(
     name="fast",
-    budget=1000,
+    max_reward_evaluations=1000,
     seeds=tuple(range(1, 11)),
     evaluation=FAST_SEARCH_EVALUATION,
     score=FAST_SCORE_EVALUATION,
@@ -289,7 +302,7 @@ FAST = Protocol(
 )
 FULL = Protocol(
     name="full",
-    budget=25,
+    max_reward_evaluations=25,
     seeds=tuple(range(1, 6)),
     evaluation=DEFAULT_EVALUATION,
     score=FINETUNE_SCORE,
@@ -298,11 +311,16 @@ FULL = Protocol(
 TRACKS: dict[str, Protocol] = {
     "fast": FAST,
     "full": FULL,
-    "fast-large": replace(FAST, name="fast-large", budget=10_000, seeds=tuple(range(1, 21))),
-    "full-large": replace(FULL, name="full-large", budget=250, seeds=tuple(range(1, 11))),
+    "fast-large": replace(
+        FAST, name="fast-large", max_reward_evaluations=10_000, seeds=tuple(range(1, 21))
+    ),
+    "full-large": replace(
+        FULL, name="full-large", max_reward_evaluations=250, seeds=tuple(range(1, 11))
+    ),
 }
 """The fixed protocols by name. ``fast`` and ``full`` fit 2 CPU cores; the ``-large`` ones
-are for a GPU machine or a cluster (the same protocol, 10x the budget, more seeds)."""
+are for a GPU machine or a cluster (the same protocol, 10x the reward evaluations, more
+seeds)."""
 
 
 def track_of(protocol: Protocol) -> str:
@@ -314,7 +332,7 @@ def track_of(protocol: Protocol) -> str:
 
 
 def make_protocol(
-    budget: int | None = None,
+    max_reward_evaluations: int | None = None,
     seeds: Sequence[int] | None = None,
     dataset: str | None = None,
     evaluation: str | None = None,
@@ -340,7 +358,11 @@ def make_protocol(
         recipe = replace(default_recipe(dataset or "fashion-mnist"), epochs=finetune_epochs)
     changed = replace(
         base,
-        budget=base.budget if budget is None else budget,
+        max_reward_evaluations=(
+            base.max_reward_evaluations
+            if max_reward_evaluations is None
+            else max_reward_evaluations
+        ),
         seeds=base.seeds if seeds is None else tuple(seeds),
         dataset=dataset,
         evaluation=base.evaluation if evaluation is None else evaluation,
@@ -402,7 +424,7 @@ def flops_problems(
     With the ``budget`` reward it must meet the target; with a protocol band it must lie in
     ``[target, target + band]`` (rows are compared at equal FLOPs).
     """
-    from ..budget import within_band
+    from ..band import within_band
 
     problems = []
     if reward == "budget" and flops_reduction < target - 1e-12:

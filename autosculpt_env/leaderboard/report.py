@@ -22,7 +22,7 @@ import numpy as np
 from . import stats
 from .agents import AGENTS
 from .protocol import TASKS, TRACKS, Protocol
-from .rows import dense_score_of, score_of
+from .rows import dense_score_of, max_reward_evaluations_of, score_of
 
 BASELINE = "uniform"
 """The agent whose mean score is 0 on the normalised scale (the dense network is 1)."""
@@ -126,7 +126,7 @@ def summarize(rows: list[dict]) -> dict[str, list[dict]]:
                     "dense_score": dense_score_of(rs[0]),
                     "model": rs[0].get("model"),
                     "dataset": rs[0].get("dataset"),
-                    "budget": rs[0].get("budget"),
+                    "max_reward_evaluations": max_reward_evaluations_of(rs[0]),
                 }
             )
         entries.sort(key=lambda e: (-e["score"][0], e["agent"]))
@@ -242,14 +242,14 @@ def _render_group(g: Group, plots_dir, output) -> list[str]:
         lines += [
             "",
             "The env counted every search's reward evaluations and refused any past the "
-            "budget; the count is in each row and its record.",
+            "protocol's limit; the count is in each row and its record.",
         ]
     if g.schema == 1:
         lines += [
             "",
-            "These rows predate the env-kept budget and the FLOPs band: their budget was "
-            "counted by the agents and their best policies may remove more FLOPs than the "
-            "target (see the FLOPs column).",
+            "These rows predate the env's count of reward evaluations and the FLOPs band: "
+            "their reward evaluations were counted by the agents and their best policies may "
+            "remove more FLOPs than the target (see the FLOPs column).",
         ]
     lines.append("")
     agg = aggregate(g.rows)
@@ -294,7 +294,7 @@ def _render_group(g: Group, plots_dir, output) -> list[str]:
             lines.append(
                 f"| {rank} | {e['agent']} | {_ci(e['score'])} | {100 * e['flops_reduction']:.1f} "
                 f"| {_speedup_cell(e['speedup'], len(e['seeds']))} "
-                f"| {100 * e['reward_accuracy']:.2f} | {e['found_at']:.0f} / {e['budget']} "
+                f"| {100 * e['reward_accuracy']:.2f} | {e['found_at']:.0f} / {e['max_reward_evaluations']} "
                 f"| {e['search_seconds']:.0f} | {len(e['seeds'])} |"
             )
         lines.append("")
@@ -418,8 +418,8 @@ def _plot_group(g: Group, folder: Path) -> list[Path]:
     fig, axes = _grid(len(tasks))
     for ax, task in zip(axes, tasks):
         rs = [r for r in rows if r["task"] == task]
-        budget = max([r.get("budget") or 1 for r in rs] + [1])
-        grid = np.arange(1, budget + 1)
+        limit = max([max_reward_evaluations_of(r) or 1 for r in rs] + [1])
+        grid = np.arange(1, limit + 1)
         for a in agents:
             curves = []
             for r in rs:
@@ -443,7 +443,7 @@ def _plot_group(g: Group, folder: Path) -> list[Path]:
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("reward evaluations")
         ax.set_ylabel("best reward so far")
-        if budget >= 200:
+        if limit >= 200:
             ax.set_xscale("log")
     paths.append(_finish(fig, axes, len(tasks), folder / "progress.png"))
     return paths

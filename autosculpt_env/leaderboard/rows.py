@@ -9,8 +9,9 @@ itself; :func:`validate` also replays the record and measures the row's numbers 
 
 Two schemas are read. Schema 2 (:data:`ROW_FIELDS`) is what the harness writes. Schema 1
 (:data:`ROW_FIELDS_V1`) is the first leaderboard's (``benchmarks/rows/``); its rows keep
-validating under the rules they were written by (their budget was counted by the agents,
-and the FLOPs band did not exist yet). Nothing here rewrites a row.
+validating under the rules they were written by (their reward evaluations were counted by
+the agents, the limit is named ``budget``, and the FLOPs band did not exist yet). Nothing
+here rewrites a row.
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ _SEARCH = {
     "dataset": (_STR,),
     "agent": (_STR,),
     "seed": (_INT,),
-    "budget": (_INT,),
     "reward_evaluations": (_INT, _NONE),
     "found_at_evaluation": (_INT, _NONE),
     "policy": (_LIST,),
@@ -81,6 +81,7 @@ _SEARCH = {
 }
 ROW_FIELDS_V1: dict[str, tuple[str, ...]] = {
     **_SEARCH,
+    "budget": (_INT,),
     "test_accuracy": (_NUM,),
     "test_accuracy_before_finetune": (_NUM,),
     "dense_test_accuracy": (_NUM,),
@@ -93,6 +94,7 @@ ROW_FIELDS_V1: dict[str, tuple[str, ...]] = {
 
 ROW_FIELDS: dict[str, tuple[str, ...]] = {
     **_SEARCH,
+    "max_reward_evaluations": (_INT,),
     "reward_evaluations": (_INT,),
     "found_at_evaluation": (_INT,),
     "flops": (_NUM,),
@@ -146,6 +148,11 @@ def score_of(row: dict) -> float:
 
 def dense_score_of(row: dict) -> float:
     return row["dense_score"] if "dense_score" in row else row["dense_test_accuracy"]
+
+
+def max_reward_evaluations_of(row: dict) -> int | None:
+    """The reward evaluations the row's search could spend (schema 1 rows: ``budget``)."""
+    return row.get("max_reward_evaluations", row.get("budget"))
 
 
 # ------------------------------------------------------------------------ files
@@ -220,7 +227,7 @@ def check_folder(
         if row.get("protocol_key") != protocol.key():
             raise ValueError(
                 f"{row['_path']} was produced under another protocol "
-                f"({row.get('protocol_key')}, this run is {protocol.key()}: budget, evaluation, "
+                f"({row.get('protocol_key')}, this run is {protocol.key()}: reward evaluations, evaluation, "
                 "reward samples, dataset, FLOPs band, score or fine-tuning differ); use another "
                 "--rows-dir"
             )
@@ -333,7 +340,8 @@ def _row_against_record(row: dict, record: EpisodeRecord) -> list[str]:
     # the protocol: its key, and every field it decides
     protocol = Protocol.from_dict(row["protocol"])
     same("protocol_key", protocol.key(), "its protocol's key")
-    same("budget", protocol.budget, "its protocol's")
+    limit_field = "max_reward_evaluations" if v2 else "budget"
+    same(limit_field, protocol.max_reward_evaluations, "its protocol's")
     same("dataset", task_dataset(task, protocol), "its protocol's dataset for the task")
     if row["seed"] not in protocol.seeds:
         errors.append(f"seed {row['seed']} is not one of its protocol's seeds {protocol.seeds}")
@@ -348,24 +356,24 @@ def _row_against_record(row: dict, record: EpisodeRecord) -> list[str]:
             f"{expected['reward_samples']}"
         )
     errors += _score_fields(row, protocol, extra, same)
-    # the budget
-    budget, found, used = row["budget"], row["found_at_evaluation"], row["reward_evaluations"]
+    # the reward evaluations
+    limit, found, used = row[limit_field], row["found_at_evaluation"], row["reward_evaluations"]
     if v2:
         stamp = record.reward_evaluations
         if stamp is None:
             errors.append("the record carries no reward_evaluations stamp from the env")
         else:
             same("found_at_evaluation", stamp["used"], "record's reward_evaluations used")
-            if stamp["limit"] != budget:
-                errors.append(f"the record's budget {stamp['limit']} != the row's {budget}")
+            if stamp["limit"] != limit:
+                errors.append(f"the record's limit {stamp['limit']} != the row's {limit}")
         same("track", track_of(protocol), "its protocol's track")
         errors += env_kwargs_problems(kw, expected)
     else:
         same("found_at_evaluation", extra.get("reward_evaluations"), "record's extra")
-    if found is None or not 1 <= found <= budget:
-        errors.append(f"best episode found at evaluation {found}, budget {budget}")
-    if used is not None and not (found or 0) <= used <= budget:
-        errors.append(f"{used} reward evaluations, best found at {found}, budget {budget}")
+    if found is None or not 1 <= found <= limit:
+        errors.append(f"best episode found at evaluation {found}, limit {limit}")
+    if used is not None and not (found or 0) <= used <= limit:
+        errors.append(f"{used} reward evaluations, best found at {found}, limit {limit}")
     # equal FLOPs
     errors += flops_problems(
         protocol, kw.get("reward", "budget"), kw.get("target_flops_reduction"), m["flops_reduction"]
@@ -375,11 +383,11 @@ def _row_against_record(row: dict, record: EpisodeRecord) -> list[str]:
     for flag, value in (
         ("--env-id", row["env_id"]),
         ("--seed", str(row["seed"])),
-        ("--max-reward-evaluations", str(budget)),
+        ("--max-reward-evaluations", str(limit)),
     ):
         if not any(a == flag and b == value for a, b in zip(cmd, cmd[1:])):
             errors.append(f"command lacks {flag} {value}")
-    errors += _check_progress(row["progress"], budget, m["reward"], exact=not v2)
+    errors += _check_progress(row["progress"], limit, m["reward"], exact=not v2)
     return errors
 
 
@@ -421,8 +429,8 @@ def _score_fields(row: dict, protocol: Protocol, extra: dict, same) -> list[str]
     return errors
 
 
-def _check_progress(curve, budget: int, reward: float, exact: bool) -> list[str]:
-    """The progress curve: best reward against evaluations, rising within the budget, and
+def _check_progress(curve, limit: int, reward: float, exact: bool) -> list[str]:
+    """The progress curve: best reward against evaluations, rising within the limit, and
     ending at the record's reward (schema 1: the agent's curve) or at least as high as it
     (schema 2: the env's best in-band reward, whichever episode the agent reported)."""
     if not all(
@@ -434,8 +442,8 @@ def _check_progress(curve, budget: int, reward: float, exact: bool) -> list[str]
         return []
     errors = []
     xs = [p[0] for p in curve]
-    if xs != sorted(xs) or xs[0] < 1 or xs[-1] > budget:
-        errors.append(f"progress evaluations must rise within 1..{budget}")
+    if xs != sorted(xs) or xs[0] < 1 or xs[-1] > limit:
+        errors.append(f"progress evaluations must rise within 1..{limit}")
     best = max(p[1] for p in curve)
     if exact and abs(best - reward) > 1e-5:
         errors.append(f"progress ends at best reward {best}, record's reward {reward}")

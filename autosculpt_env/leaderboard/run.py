@@ -3,12 +3,13 @@
 For one (task, agent, seed) the harness
 
 1. **searches** (:func:`search`): runs the agent as a program with the protocol's options
-   and the budget set in its environment (:mod:`autosculpt_env.budget`: the env enforces
-   it and keeps the count in a ledger file in the run folder); the agent writes its best
+   and its limit of reward evaluations set in its environment
+   (:mod:`autosculpt_env.evaluation_limit`: the env enforces it and keeps the count in a
+   ledger file in the run folder); the agent writes its best
    episode as a replayable record (``best.json``);
 2. **checks** the search (:func:`check_search`): the record is of the task's env, dataset
    and reward, its FLOPs reduction lies in the protocol's band, and the env's own count
-   (the ledger and the record's stamp, never the agent's printout) stays within budget;
+   (the ledger and the record's stamp, never the agent's printout) stays within the limit;
 3. **scores** the best policy (:func:`score`): fine-tuned with the fixed recipe and scored
    by test accuracy (the full track; the only place the test split is read), or scored by
    the protocol's high-fidelity reward on the reward split (the fast track); beside the
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__, data
-from ..budget import LEDGER_ENV, MAX_ENV, read_ledger
+from ..evaluation_limit import LEDGER_ENV, MAX_ENV, read_ledger
 from ..records import EpisodeRecord, make_env
 from .agents import AgentProgram, agent_command, find_agent
 from .protocol import (
@@ -138,7 +139,7 @@ def search(
         "OMP_NUM_THREADS": str(protocol.threads),
         "MKL_NUM_THREADS": str(protocol.threads),
         "WANDB_MODE": "disabled",
-        MAX_ENV: str(protocol.budget),
+        MAX_ENV: str(protocol.max_reward_evaluations),
         LEDGER_ENV: str(ledger),
     }
     log = run_dir / "agent.log"
@@ -173,9 +174,10 @@ def search(
     if not ledger.exists():
         raise AgentError(f"{what}: the env kept no ledger {ledger} (did the agent build its env?)")
     state = read_ledger(ledger)
-    if state.get("limit") != protocol.budget:
+    if state.get("limit") != protocol.max_reward_evaluations:
         raise AgentError(
-            f"{what}: the env's budget was {state.get('limit')}, not the protocol's {protocol.budget}"
+            f"{what}: the env's limit was {state.get('limit')} reward evaluations, not the "
+            f"protocol's {protocol.max_reward_evaluations}"
         )
     return Search(cmd, run_dir, record, int(state["used"]), state["progress"], seconds)
 
@@ -203,18 +205,17 @@ def check_search(result: Search, task: Task, protocol: Protocol) -> list[str]:
         )
     if not problems:  # every other keyword (catalog, reward ...) is the task's too
         problems += env_kwargs_problems(kw, expected)
-    # the budget, as the env counted it
+    # the reward evaluations, as the env counted them
     stamp = record.reward_evaluations
-    if result.reward_evaluations > protocol.budget:
-        problems.append(
-            f"spent {result.reward_evaluations} reward evaluations, budget {protocol.budget}"
-        )
+    limit = protocol.max_reward_evaluations
+    if result.reward_evaluations > limit:
+        problems.append(f"spent {result.reward_evaluations} reward evaluations, limit {limit}")
     if stamp is None:
         problems.append("the record carries no reward_evaluations stamp from the env")
-    elif stamp["limit"] != protocol.budget or stamp["used"] > result.reward_evaluations:
+    elif stamp["limit"] != limit or stamp["used"] > result.reward_evaluations:
         problems.append(
-            f"the record was scored at evaluation {stamp['used']} of a budget of "
-            f"{stamp['limit']}; the env's ledger says {result.reward_evaluations} of {protocol.budget}"
+            f"the record was scored at evaluation {stamp['used']} of a limit of "
+            f"{stamp['limit']}; the env's ledger says {result.reward_evaluations} of {limit}"
         )
     # equal FLOPs
     problems += flops_problems(
@@ -399,7 +400,7 @@ def make_row(
         "dataset": kw.get("dataset"),
         "agent": program.name,
         "seed": seed,
-        "budget": protocol.budget,
+        "max_reward_evaluations": protocol.max_reward_evaluations,
         "reward_evaluations": found.reward_evaluations,
         "found_at_evaluation": record.reward_evaluations["used"],
         "policy": list(record.actions),

@@ -250,8 +250,9 @@ class _Space:
     def __init__(self, problem: PruningProblem, target: float | None):
         self.problem = problem
         self.cost = problem.cost
-        # the env's wall (AutoSculptEnv._budget): FLOPs at most (1 - target) of dense
-        self.budget = (
+        # the FLOPs part of the env's action wall (AutoSculptEnv._max_flops): FLOPs at most
+        # (1 - target) of dense
+        self.max_flops = (
             None
             if target is None
             else (1.0 - target) * float(problem.cost.dense_flops) * (1 + 1e-12)
@@ -262,8 +263,8 @@ class _Space:
 
     def allowed(self, prefix: list[int]) -> np.ndarray:
         mask = self.valid[len(prefix)].copy()
-        if self.budget is not None:
-            mask &= self.cost.min_flops_next(prefix) <= self.budget
+        if self.max_flops is not None:
+            mask &= self.cost.min_flops_next(prefix) <= self.max_flops
         return mask
 
     def repair(self, desired: Sequence[int]) -> tuple[int, ...]:

@@ -469,9 +469,9 @@ def run_ground_truth(
 SEARCH_AGENTS: tuple[str, ...] = ("ppo_gnn", "ppo_mlp", "ddpg_amc", "random_search")
 """Agents whose search runs add their best policies to the competitive set."""
 
-SEARCH_BUDGET = 50
+SEARCH_MAX_REWARD_EVALUATIONS = 50
 """Reward evaluations of each search run that feeds the competitive set: the order of the
-leaderboard's budgets (the first protocol's 100, the full track's 25), about a minute of
+leaderboard's limits (the first protocol's 100, the full track's 25), about a minute of
 ``accuracy`` evaluations per run."""
 
 SEARCH_EVALUATION = "accuracy"
@@ -484,7 +484,7 @@ def search_best_policy(
     agent: str,
     seed: int,
     workdir: Path,
-    budget: int = SEARCH_BUDGET,
+    max_reward_evaluations: int = SEARCH_MAX_REWARD_EVALUATIONS,
     evaluation: str = SEARCH_EVALUATION,
 ) -> list[str]:
     """Run one agent as a program and return its best policy's action names."""
@@ -494,7 +494,7 @@ def search_best_policy(
     from .leaderboard import agent_script
     from .records import EpisodeRecord
 
-    name = f"{task.name}__{agent}__seed{seed}__{evaluation}{budget}"
+    name = f"{task.name}__{agent}__seed{seed}__{evaluation}{max_reward_evaluations}"
     best = Path(workdir) / name / "best.json"
     if not best.exists():
         cmd = [
@@ -509,7 +509,7 @@ def search_best_policy(
             "--seed",
             str(seed),
             "--max-reward-evaluations",
-            str(budget),
+            str(max_reward_evaluations),
             "--threads",
             "1",
             "--output-dir",
@@ -531,7 +531,7 @@ def build_policy_set(
     rows_dir: str | os.PathLike | None = "benchmarks/rows",
     agents: Sequence[str] = SEARCH_AGENTS,
     seeds: Sequence[int] = (11, 12, 13, 14, 15),
-    budget: int = SEARCH_BUDGET,
+    max_reward_evaluations: int = SEARCH_MAX_REWARD_EVALUATIONS,
     evaluation: str = SEARCH_EVALUATION,
     broad_random: int = 12,
     broad_mutations: int = 12,
@@ -541,8 +541,9 @@ def build_policy_set(
     """Build or extend a task's stored policy set (each step is skipped once done).
 
     Competitive: the committed rows' best policies, then the best policy of every
-    (agent, seed) search run (``budget`` evaluations of ``evaluation``). Broad: seeded random valid policies and mutations
-    of competitive ones (drawn once; a stored set is never redrawn).
+    (agent, seed) search run (``max_reward_evaluations`` evaluations of ``evaluation``).
+    Broad: seeded random valid policies and mutations of competitive ones (drawn once; a
+    stored set is never redrawn).
     """
     from tqdm.auto import tqdm
 
@@ -552,10 +553,10 @@ def build_policy_set(
         import_row_ground_truth(root, task, rows_dir)
     runs = [(a, s) for a in agents for s in seeds]
     for agent, seed in tqdm(runs, desc=f"{task.name} searches", disable=not progress):
-        source = f"search:{agent}:seed{seed}:{evaluation}{budget}"
+        source = f"search:{agent}:seed{seed}:{evaluation}{max_reward_evaluations}"
         if any(source in p.sources for p in ps.policies):
             continue
-        best = search_best_policy(task, agent, seed, workdir, budget, evaluation)
+        best = search_best_policy(task, agent, seed, workdir, max_reward_evaluations, evaluation)
         ps.add(best, "competitive", source)
         ps.save(root)
     if not ps.of("broad") and (broad_random or broad_mutations):

@@ -39,7 +39,7 @@ class Args:
     """agents whose best policies (search runs) join the competitive set"""
     search_seeds: list[int] = field(default_factory=lambda: [11, 12, 13, 14, 15])
     """seeds of those search runs"""
-    search_budget: int = fidelity.SEARCH_BUDGET
+    search_max_reward_evaluations: int = fidelity.SEARCH_MAX_REWARD_EVALUATIONS
     """reward evaluations per search run"""
     search_evaluation: str = fidelity.SEARCH_EVALUATION
     """the evaluation= mode the search runs optimise"""
@@ -76,7 +76,7 @@ def main(args: Args) -> None:
                 rows_dir=args.rows,
                 agents=args.searches,
                 seeds=args.search_seeds,
-                budget=args.search_budget,
+                max_reward_evaluations=args.search_max_reward_evaluations,
                 evaluation=args.search_evaluation,
                 broad_random=args.broad_random,
                 broad_mutations=args.broad_mutations,

@@ -100,6 +100,22 @@ def test_a_catalog_object_survives_into_its_records(no_halves):
     replay(record)
 
 
+def test_a_new_agent_is_one_file(tmp_path, monkeypatch):
+    from autosculpt_env.leaderboard import agents as agents_mod
+    from autosculpt_env.leaderboard import cli as lb_cli
+
+    (tmp_path / "agents").mkdir()
+    for name in ("my_search.py", "ppo_gnn.py", "_shared.py", "notes.txt"):
+        (tmp_path / "agents" / name).write_text("")
+    monkeypatch.setattr(agents_mod, "checkout_root", lambda: tmp_path)
+    assert agents_mod.reference_agents() == ("my_search", "ppo_gnn")
+    monkeypatch.setattr(agents_mod, "checkout_root", lambda: None)  # an installed package
+    assert agents_mod.reference_agents() == ()
+    monkeypatch.setattr(lb_cli, "AGENTS", ())
+    with pytest.raises(SystemExit, match="--agents: no agents named"):
+        lb_cli.main(["--track", "full", "--rows-dir", str(tmp_path / "rows")])
+
+
 def test_the_package_imports_light_and_loads_submodules_on_use():
     code = (
         "import sys, autosculpt_env; assert 'torch' not in sys.modules, 'torch at import'; "

@@ -25,9 +25,6 @@ from pathlib import Path
 
 from .protocol import Protocol, Task
 
-AGENTS: tuple[str, ...] = ("ppo_gnn", "ppo_mlp", "ddpg_amc", "random_search", "uniform", "greedy")
-"""The reference agents (``agents/NAME.py`` of the source checkout)."""
-
 ENTRY_POINT_GROUP = "autosculpt_env.agents"
 """Entry-point group under which installed packages register agent modules."""
 
@@ -44,6 +41,20 @@ def checkout_root() -> Path | None:
     if pyproject.exists() and 'name = "autosculpt-env"' in pyproject.read_text(errors="ignore"):
         return root
     return None
+
+
+def reference_agents() -> tuple[str, ...]:
+    """Every ``NAME.py`` of the source checkout's ``agents/`` folder, sorted (none for an
+    installed package): a new reference agent is its file, nothing else."""
+    root = checkout_root()
+    if root is None:
+        return ()
+    scripts = (root / "agents").glob("*.py")
+    return tuple(sorted(p.stem for p in scripts if not p.stem.startswith("_")))
+
+
+AGENTS: tuple[str, ...] = reference_agents()
+"""The reference agents, the harness's default (:func:`reference_agents`)."""
 
 
 def search_path(agents_dirs: Sequence[str | os.PathLike] = ()) -> list[Path]:

@@ -199,6 +199,11 @@ def command(
     if plots_dir is not None:
         check_writable(plots_dir, "plots folder", "--plots-dir")
     if not only_render:
+        if not agents and not AGENTS:
+            raise SystemExit(
+                "--agents: no agents named and no source checkout's agents/ folder to take "
+                "the reference agents from; name agents (NAME, or a path to NAME.py) with --agents"
+            )
         result = run_all(
             protocol,
             [Task.parse(t) for t in tasks] if tasks else list(TASKS),

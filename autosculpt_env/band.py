@@ -22,6 +22,17 @@ def flops_band(target: float, tolerance: float) -> tuple[float, float]:
     return float(target), round(float(target) + float(tolerance), 12)
 
 
+def max_kept(dense: float, target_reduction: float) -> float:
+    """The most of a dense cost (FLOPs, latency) a policy may keep and still reach
+    ``target_reduction``: ``(1 - target) * dense``, with 1e-12 relative slack for rounding.
+    The env's action wall, the policy samplers and the benchmarks all use this one edge.
+
+    >>> max_kept(1000.0, 0.5) - 500.0 < 1e-6
+    True
+    """
+    return (1.0 - float(target_reduction)) * float(dense) * (1 + 1e-12)
+
+
 def within_band(flops_reduction: float, target: float, tolerance: float) -> bool:
     """Whether a FLOPs reduction lies in :func:`flops_band` (1e-9 slack for rounding).
 

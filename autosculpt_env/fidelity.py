@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .band import max_kept
 from .leaderboard import TASKS, Task, git_commit, load_rows
 from .readme_blocks import update_block
 from .records import atomic_write_text
@@ -188,7 +189,7 @@ def mutate(env, actions: Sequence[int], rng: random.Random, tries: int = 100) ->
     """Change 1-3 random layers to other valid actions, keeping the FLOPs target met."""
     base = env.unwrapped
     p = base.problem
-    limit = (1.0 - base.target) * base.dense_flops * (1 + 1e-12)
+    limit = max_kept(base.dense_flops, base.target)
     for _ in range(tries):
         out = list(actions)
         for layer in rng.sample(range(p.num_layers), k=min(p.num_layers, rng.randint(1, 3))):

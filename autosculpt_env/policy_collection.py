@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .band import max_kept
 from .problem import PruningProblem
 from .records import default_file_mode
 
@@ -252,11 +253,7 @@ class _Space:
         self.cost = problem.cost
         # the FLOPs part of the env's action wall (AutoSculptEnv._max_flops): FLOPs at most
         # (1 - target) of dense
-        self.max_flops = (
-            None
-            if target is None
-            else (1.0 - target) * float(problem.cost.dense_flops) * (1 + 1e-12)
-        )
+        self.max_flops = None if target is None else max_kept(problem.cost.dense_flops, target)
         self.sparsity = np.asarray([a.sparsity for a in problem.catalog.actions], dtype=float)
         self.valid = problem.valid
         self.L = problem.num_layers

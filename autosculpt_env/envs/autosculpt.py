@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import data as data_mod
 from .. import evaluation_limit
-from ..band import env_within_band
+from ..band import env_within_band, max_kept
 from ..evaluation import (
     BN_RECALIBRATION_SAMPLES,
     CALIBRATION_SAMPLES,
@@ -391,7 +391,7 @@ class AutoSculptEnv(gym.Env):
         # AMC's action wall, exact: an action is valid when some completion of the policy
         # still meets the target (dead-channel savings included), so every policy with
         # FLOPs within the budget can be played, and every played policy meets it.
-        self._max_flops = (1.0 - self.target) * self.dense_flops * (1 + 1e-12)
+        self._max_flops = max_kept(self.dense_flops, self.target)
         if self.reward_name == "budget":
             least = cost.min_flops_from([])
             if least > self._max_flops:
@@ -458,7 +458,7 @@ class AutoSculptEnv(gym.Env):
         if self.target_latency is None:
             return
         table = self.latency
-        self._max_latency = (1.0 - self.target_latency) * table.dense_latency * (1 + 1e-12)
+        self._max_latency = max_kept(table.dense_latency, self.target_latency)
         flops = p.cost.flops / self.dense_flops
         lat = table.latency / table.dense_latency
         # fixed per-layer completions: a policy that one of them completes within both

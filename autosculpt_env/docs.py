@@ -1,13 +1,16 @@
-"""The README's reference tables, generated from the registries they describe.
+"""The reference tables of README.md and docs/SUBMITTING.md, generated from the registries
+they describe.
 
 Each table is a generated block (:mod:`autosculpt_env.readme_blocks`) whose body comes from
 the one place that states its facts: env ids from :func:`autosculpt_env.registered_configs`
 and :data:`autosculpt_env.zoo.ZOO`, the observation layout from
 :class:`autosculpt_env.features.FeatureLayout`, rewards from
-:data:`autosculpt_env.rewards.REWARDS`, catalogs from :data:`autosculpt_env.patterns.CATALOGS`.
+:data:`autosculpt_env.rewards.REWARDS`, catalogs from :data:`autosculpt_env.patterns.CATALOGS`,
+the leaderboard's tracks (in ``docs/SUBMITTING.md``) from
+:data:`autosculpt_env.leaderboard.protocol.TRACKS`.
 A new zoo model, catalog or reward reaches the README by running::
 
-    python -m autosculpt_env.docs          # rewrite the blocks of README.md
+    python -m autosculpt_env.docs          # rewrite the blocks of README.md and SUBMITTING.md
     python -m autosculpt_env.docs --check  # exit 1 if a block is out of date (CI, tests)
 """
 
@@ -22,6 +25,7 @@ from .readme_blocks import update_block
 
 GENERATOR = "python -m autosculpt_env.docs"
 README = Path(__file__).resolve().parents[1] / "README.md"
+SUBMITTING = README.parent / "docs" / "SUBMITTING.md"
 
 
 def envs_block() -> str:
@@ -111,6 +115,31 @@ def zoo_block() -> str:
     return "\n".join(rows)
 
 
+def tracks_block() -> str:
+    from .leaderboard.protocol import DEFAULT_EVALUATION, FAST_SEARCH_EVALUATION, TRACKS, _ranges
+
+    sees = {
+        FAST_SEARCH_EVALUATION: "the shipped surrogate",
+        DEFAULT_EVALUATION: "the env's default reward",
+    }
+    rows = [
+        "| track | the search sees | reward evaluations | seeds | score |",
+        "|---|---|---:|---:|---|",
+    ]
+    for name, p in TRACKS.items():
+        score = (
+            "test accuracy after the fixed fine-tuning"
+            if p.finetunes
+            else f"the best policy's `{p.score}` reward on the reward split"
+        )
+        seen = sees.get(p.evaluation, "the reward")
+        rows.append(
+            f"| `{name}` | {seen} (`evaluation={p.evaluation}`) | "
+            f"{p.max_reward_evaluations:,} | {_ranges(p.seeds).replace('-', '–')} | {score} |"
+        )
+    return "\n".join(rows)
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "envs": envs_block,
     "observation": observation_block,
@@ -120,15 +149,22 @@ BLOCKS: dict[str, Callable[[], str]] = {
 }
 """README block name -> body generator."""
 
+SUBMITTING_BLOCKS: dict[str, Callable[[], str]] = {"tracks": tracks_block}
+"""docs/SUBMITTING.md block name -> body generator."""
+
+
+def _blocks_of(path: Path | str) -> dict[str, Callable[[], str]]:
+    return SUBMITTING_BLOCKS if Path(path).resolve() == SUBMITTING.resolve() else BLOCKS
+
 
 def stale_blocks(path: Path | str = README) -> list[str]:
-    """Blocks of :data:`BLOCKS` whose body in ``path`` differs from what they generate, or
-    that ``path`` lacks."""
+    """Blocks of ``path`` (:data:`SUBMITTING_BLOCKS` for docs/SUBMITTING.md, else
+    :data:`BLOCKS`) whose body differs from what they generate, or that ``path`` lacks."""
     import re
 
     text = Path(path).read_text()
     stale = []
-    for name, body in BLOCKS.items():
+    for name, body in _blocks_of(path).items():
         m = re.search(rf"<!-- {name}:start\b[^\n]*-->\n(.*?)\n<!-- {name}:end -->", text, re.S)
         if m is None or m.group(1) != body().strip():
             stale.append(name)
@@ -136,25 +172,32 @@ def stale_blocks(path: Path | str = README) -> list[str]:
 
 
 def write(path: Path | str = README) -> list[str]:
-    """Rewrite every block of :data:`BLOCKS` in ``path``; returns the names that changed."""
-    return [name for name, body in BLOCKS.items() if update_block(path, name, body())]
+    """Rewrite every block of ``path`` (as :func:`stale_blocks` picks them); returns the
+    names that changed."""
+    return [name for name, body in _blocks_of(path).items() if update_block(path, name, body())]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=GENERATOR, description=__doc__.split("\n")[0])
-    parser.add_argument("--readme", default=str(README), help="the markdown file")
+    parser.add_argument(
+        "--readme", default=None, help="one markdown file (default: README.md and SUBMITTING.md)"
+    )
     parser.add_argument("--check", action="store_true", help="only report stale blocks")
     args = parser.parse_args(argv)
-    if args.check:
-        stale = stale_blocks(args.readme)
-        if stale:
-            print(f"{args.readme}: out of date: {', '.join(stale)}; run {GENERATOR}")
-            return 1
-        print(f"{args.readme}: generated blocks up to date")
-        return 0
-    changed = write(args.readme)
-    print(f"{args.readme}: rewrote {', '.join(changed) if changed else 'nothing'}")
-    return 0
+    paths = [args.readme] if args.readme else [README, SUBMITTING]
+    code = 0
+    for path in paths:
+        if args.check:
+            stale = stale_blocks(path)
+            if stale:
+                print(f"{path}: out of date: {', '.join(stale)}; run {GENERATOR}")
+                code = 1
+            else:
+                print(f"{path}: generated blocks up to date")
+            continue
+        changed = write(path)
+        print(f"{path}: rewrote {', '.join(changed) if changed else 'nothing'}")
+    return code
 
 
 if __name__ == "__main__":

@@ -128,9 +128,26 @@ def test_the_package_imports_light_and_loads_submodules_on_use():
         autosculpt_env.nothing  # noqa: B018
 
 
-def test_readme_reference_tables_are_generated():
-    stale = docs.stale_blocks()
-    assert not stale, f"README blocks {stale} are out of date: run python -m autosculpt_env.docs"
+@pytest.mark.parametrize("path", [docs.README, docs.SUBMITTING], ids=["README", "SUBMITTING"])
+def test_reference_tables_are_generated(path):
+    stale = docs.stale_blocks(path)
+    assert not stale, (
+        f"{path.name} blocks {stale} are out of date: run python -m autosculpt_env.docs"
+    )
+
+
+def test_track_table_follows_the_protocols(monkeypatch):
+    from dataclasses import replace
+
+    from autosculpt_env.leaderboard import protocol
+
+    tracks = dict(protocol.TRACKS)
+    tracks["full"] = replace(tracks["full"], max_reward_evaluations=40, seeds=(1, 2, 3, 9))
+    monkeypatch.setattr(protocol, "TRACKS", tracks)
+    assert "| `full` | the env's default reward (`evaluation=recovery`) | 40 | 1–3, 9 |" in (
+        docs.tracks_block()
+    )
+    assert docs.stale_blocks(docs.SUBMITTING) == ["tracks"]
 
 
 def test_docs_check_command(tmp_path):

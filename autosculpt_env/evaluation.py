@@ -159,16 +159,16 @@ class AccuracyEvaluator:
         reward = data_mod.load(dataset, "reward", data_dir)
         n = data_mod.check_samples("reward_samples", reward_samples, dataset, "reward", data_dir)
         self.images, self.labels = reward.images[:n], reward.labels[:n]
-        self.norms = [
+        self.batch_norms = [
             m for m in problem.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
         self.recal_images = None
-        if bn_recalibration_samples > 0 and self.norms:
+        if bn_recalibration_samples > 0 and self.batch_norms:
             self.recal_images = train_subset(
                 dataset, bn_recalibration_samples, data_dir, "bn_recalibration_samples"
             ).images
         self.net = copy.deepcopy(problem.model).eval()
-        self._net_norms = [
+        self._net_batch_norms = [
             m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
         self._applied: list[int] | None = None
@@ -205,7 +205,7 @@ class AccuracyEvaluator:
         self._applied = list(policy)
 
     def _recalibrate(self) -> None:
-        for bn in self._net_norms:
+        for bn in self._net_batch_norms:
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average over the recalibration batches
         self.net.train()

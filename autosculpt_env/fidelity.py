@@ -809,8 +809,9 @@ def proxy_verdict(table: dict) -> str:
     rho = heldout_agreement(task.env_id, task.target_flops_reduction)
     if rho is None:
         return f"{table['task']}: no surrogate of `{table['default']}` ships yet"
-    met = "met" if rho >= GOAL_SPEARMAN else f"short by {GOAL_SPEARMAN - rho:.2f}"
-    return f"{table['task']}: lowest held-out ρ {rho:.2f} ({met})"
+    digits = 2 if abs(rho - GOAL_SPEARMAN) >= 0.005 else 3  # 0.797 is not "0.80 (met)"
+    met = "met" if rho >= GOAL_SPEARMAN else f"short by {GOAL_SPEARMAN - rho:.{digits}f}"
+    return f"{table['task']}: lowest held-out ρ {rho:.{digits}f} ({met})"
 
 
 def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:

@@ -47,10 +47,12 @@ def envs_block() -> str:
     for env_id, kw in registered_configs().items():
         if env_id == "AutoSculpt-v0":
             continue
-        title = zoo.ZOO[kw["model"]].title
+        model = zoo.ZOO[kw["model"]]
+        own = ", ".join(f"`{k}={v}`" for k, v in model.env_kwargs.items())
         rows.append(
-            f"| `{env_id}` | {title} (`{kw['model']}`) | {kw['dataset']} | `{kw['catalog']}` | "
-            f"`{kw['reward']}` | `{kw['evaluation']}` | {kw['target_flops_reduction']} |"
+            f"| `{env_id}` | {model.title} (`{kw['model']}`) | {kw['dataset']} | "
+            f"`{kw['catalog']}` | `{kw['reward']}` | `{kw['evaluation']}`"
+            f"{f' ({own})' if own else ''} | {kw['target_flops_reduction']} |"
         )
     return "\n".join(rows)
 

@@ -82,11 +82,12 @@ holds fewer: the digits twins' holds 120)."""
 
 RECOVERY_SAMPLES = 1024
 """Training images of the ``recovery`` modes' short fine-tuning (one pass) unless told
-otherwise; the whole split when it holds fewer. On the fidelity benchmark's competitive
-policies (14 per task), 1,024 images ranked like the fine-tuned score about as well as
-2,048 (Spearman 0.78 / 0.60 / 0.89 / 0.27 / 0.71 against 0.70 / 0.76 / 0.90 / 0.34 / 0.66 on
-ResNet@0.5, VGG, MobileNet, ViT, ResNet@0.7, within the bootstrap intervals) at about half
-the training cost (the reward-fidelity report has the cost of both)."""
+otherwise (a zoo id may set its own: ``zoo.ZooModel.env_kwargs``); the whole split when it
+holds fewer. On the fidelity benchmark's competitive policies, 1,024 images at batch 16
+ranked like the fine-tuned score as well as 2,048 or better on the CNN tasks (Spearman 0.70
+/ 0.48 / 0.89 / 0.71 against 0.57 / 0.44 / 0.90 / 0.66 on ResNet@0.5, VGG, MobileNet,
+ResNet@0.7) at about two thirds of the cost; the ViT needs more (see
+:data:`RECOVERY_BATCH_SIZE`)."""
 
 BN_RECALIBRATION_SAMPLES = 1024
 """Training images whose statistics the batch norms are re-estimated on before scoring
@@ -263,11 +264,12 @@ class ReconstructionEvaluator(AccuracyEvaluator):
 
 
 RECOVERY_BATCH_SIZE = 16
-"""Batch size of the ``recovery`` modes' short fine-tuning. Smaller batches mean more SGD
-steps over the same images; on the fidelity benchmark's ViT@0.5 policies, one pass over
-2,048 images ranked like the fine-tuned score with Spearman -0.27 at batch 128 (16 steps),
--0.03 at 32, 0.34 at 16 and 0.59 at 8, the last at about twice the cost of batch 16
-(see the reward-fidelity report for the per-task figures and costs)."""
+"""Batch size of the ``recovery`` modes' short fine-tuning unless told otherwise. Smaller
+batches mean more SGD steps over the same images; on the fidelity benchmark's 34 ViT@0.5
+competitive policies, one pass over 2,048 images ranked like the fine-tuned score with
+Spearman 0.13 at batch 128, 0.73 at 16 and 0.84 at 8 (3.9x a bare forward), so
+``AutoSculpt-ViT`` sets batch 8 over 2,048 images (the reward-fidelity report has every
+task's figures and costs)."""
 
 
 def recovery_recipe(dataset: str, batch_size: int = RECOVERY_BATCH_SIZE):

@@ -59,6 +59,55 @@ def test_candidates_spell_their_settings(spec, expected):
     assert fidelity.parse_candidate(spec) == expected
 
 
+TWIN_OWN = "AutoSculptFidelityTest-ResNetDigitsOwnRecovery"
+if TWIN_OWN not in gym.registry:
+    register(
+        id=TWIN_OWN,
+        entry_point=ENTRY_POINT,
+        kwargs={
+            "model": "resnet20",
+            "dataset": "digits",
+            "evaluation": "recovery",
+            "recovery_samples": 64,
+            "recovery_batch_size": 8,
+        },
+        order_enforce=False,
+    )
+
+
+def test_a_candidate_means_one_reward_on_every_task_and_the_default_names_its_settings():
+    """An id with its own recovery settings (as AutoSculpt-ViT has) reports its default by
+    them, and the candidate ``recovery`` still means the env's own defaults there."""
+    from autosculpt_env.evaluation import RECOVERY_BATCH_SIZE
+
+    own = Task(TWIN_OWN, 0.5)
+    assert fidelity.default_mode(TASK) == "recovery"
+    assert fidelity.default_mode(own) == "recovery[recovery_batch_size=8,recovery_samples=64]"
+    assert fidelity.candidate_kwargs("recovery") == {
+        "evaluation": "recovery",
+        "recovery_samples": None,
+        "recovery_batch_size": RECOVERY_BATCH_SIZE,
+    }
+    assert fidelity.candidate_kwargs(fidelity.default_mode(own))["recovery_samples"] == 64
+    # spelled with the defaults' values, a candidate is the plain mode
+    assert fidelity.candidate_spec("recovery", {"recovery_batch_size": 16}) == "recovery"
+    env = fidelity.make_candidate_env(own, "recovery")
+    assert env.unwrapped.env_kwargs["recovery_batch_size"] == RECOVERY_BATCH_SIZE
+    env.close()
+
+
+def test_the_vit_id_sets_the_recovery_its_fidelity_measurement_chose():
+    import autosculpt_env
+
+    vit = autosculpt_env.REGISTERED_CONFIGS["AutoSculpt-ViT"]
+    assert (vit["recovery_samples"], vit["recovery_batch_size"]) == (2048, 8)
+    assert "recovery_samples" not in autosculpt_env.REGISTERED_CONFIGS["AutoSculpt-ResNet"]
+    vit_task = Task("AutoSculpt-ViT", 0.5)
+    assert (
+        fidelity.default_mode(vit_task) == "recovery[recovery_batch_size=8,recovery_samples=2048]"
+    )
+
+
 @pytest.mark.parametrize("spec", ["recovery[recovery_samples=1024", "recovery[recovery_samples]"])
 def test_malformed_candidates_are_refused(spec):
     with pytest.raises(ValueError, match="candidate"):
@@ -176,7 +225,7 @@ def test_verdict_reports_the_default_on_search_policies_alone(root):
         {"mode": "recovery", "task": TASK.name, "cost": None, "values": values},
     )
     line = fidelity.verdict(fidelity.task_table(root, TASK, ["recovery"]))
-    assert "on the 4 search-run policies alone (never used to choose the default): ρ -1.00" in line
+    assert "on the 4 search-run policies alone: ρ -1.00" in line
 
 
 def test_ground_truth_runs_once_and_is_validated(root):

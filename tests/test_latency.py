@@ -46,6 +46,37 @@ def test_table_shape_cache_and_prediction(problem, tmp_path, monkeypatch):
     assert lat.LatencyTable.from_dict(table.to_dict()).fixed == table.fixed
 
 
+def test_prediction_subtracts_the_time_cut_channels_save_in_consumers(
+    problem, tmp_path, monkeypatch
+):
+    """A consumer reads fewer input channels where its producer's are cut: the prediction
+    subtracts its entry times the dead fraction of its FLOPs (the FLOPs table's pairs)."""
+    monkeypatch.setenv("AUTOSCULPT_CACHE", str(tmp_path))
+    table = lat.latency_table(problem, batch_size=4, repeats=1)
+    cost = problem.cost
+    assert set(table.dead) == set(cost.dead) and table.dead
+    rng = np.random.default_rng(0)
+    saw_saving = False
+    for _ in range(20):
+        acts = [
+            int(rng.choice(np.flatnonzero(problem.valid[i]))) for i in range(problem.num_layers)
+        ]
+        plain = table.fixed + sum(table.latency[i, a] for i, a in enumerate(acts))
+        saved = 0.0
+        for (i, m), d in cost.dead.items():
+            if d[acts[i], acts[m]] > 0:
+                frac = d[acts[i], acts[m]] / cost.flops[m, acts[m]]
+                saved += frac * table.latency[m, acts[m]]
+        assert table.policy_latency(acts) == pytest.approx(plain - saved, rel=1e-9, abs=1e-12)
+        assert table.min_latency_from(acts) == pytest.approx(table.policy_latency(acts))
+        assert table.min_latency_from(acts[:3]) <= table.policy_latency(acts) + 1e-12
+        saw_saving |= saved > 0
+    assert saw_saving, "no random policy cut a producer's channels: the check saw nothing"
+    # a table read back from its file predicts the same
+    again = lat.LatencyTable.from_dict(table.to_dict()).with_consumers(cost)
+    assert again.policy_latency(acts) == pytest.approx(table.policy_latency(acts))
+
+
 def test_layer_module_computes_the_masked_layer(problem):
     """A table entry times the right computation: the materialised layer's outputs are the
     masked layer's kept channels (in part order for pattern layers)."""

@@ -495,6 +495,13 @@ class AutoSculptEnv(gym.Env):
                 else:
                     flops = flops - dead[acts[i], acts[m]]
             lat = table.fixed + table.latency[rows, acts[rows]].sum() + table.latency[k, cand]
+            for (i, m), dead in table.dead.items():  # time the cut channels save downstream
+                if i == k:
+                    lat = lat - np.nan_to_num(dead[cand, acts[m]])
+                elif m == k:
+                    lat = lat - np.nan_to_num(dead[acts[i], cand])
+                else:
+                    lat = lat - np.nan_to_num(dead[acts[i], acts[m]])
             ok[cand] |= (flops <= self._max_flops) & (lat <= self._max_latency)
         return ok
 

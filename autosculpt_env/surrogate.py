@@ -778,9 +778,18 @@ def _fits_dir() -> Path:
     return zoo.cache_dir() / "surrogate" / "fits"
 
 
+STORE_ENV = "AUTOSCULPT_SURROGATE_STORE"
+"""Environment variable naming another folder for the evaluation stores than the cache's
+(``benchmarks/proxy_fidelity.py --store``: e.g. a committed folder, so that a collection
+longer than one machine's lifetime continues where it stopped on the next)."""
+
+
 def evaluations_path(key: dict) -> Path:
-    """Where a configuration's evaluations are memoised (shared by all its targets)."""
-    return zoo.cache_dir() / "surrogate" / "evaluations" / f"{_digest(key)}.jsonl"
+    """Where a configuration's evaluations are memoised (shared by all its targets):
+    ``$AUTOSCULPT_SURROGATE_STORE`` if set, else ``$AUTOSCULPT_CACHE/surrogate/evaluations``."""
+    folder = os.environ.get(STORE_ENV)
+    base = Path(folder) if folder else zoo.cache_dir() / "surrogate" / "evaluations"
+    return base / f"{_digest(key)}.jsonl"
 
 
 def fit_path(key: dict, target: float, design: Design) -> Path:

@@ -12,7 +12,9 @@ for (the registered default, through the env's own ``evaluate_policy``), fits ev
 candidate of :mod:`autosculpt_env.surrogate` leave-one-sampler-out, keeps the one with the
 best minimum held-out Spearman, and writes ``benchmarks/PROXY_FIDELITY.md``. Evaluations
 are stored one by one in ``$AUTOSCULPT_CACHE/surrogate/evaluations``: a killed run resumes
-where it stopped, and a larger ``--per-sampler`` reuses every policy a smaller one drew.
+where it stopped, and a larger ``--per-sampler`` reuses every policy a smaller one drew;
+``--store DIR`` keeps them in ``DIR`` instead (commit it, and a collection longer than a
+machine's lifetime resumes on the next: ``benchmarks/fidelity/collections``).
 Tasks are independent: run two at once (one per core) with ``--tasks``, then ``--ship``
 with all of them to write the report from stored evaluations alone (it refits), or
 ``--report-only`` to write it from the shipped or cached fits without fitting anything. ``--ship`` copies the
@@ -22,6 +24,7 @@ held-out figures in ``manifest.json``) so ``evaluation="proxy"`` is instant on i
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +64,9 @@ class Args:
     """the markdown report"""
     progress: bool = True
     """progress bars"""
+    store: Path | None = None
+    """keep the evaluations in this folder instead of the cache (a committed folder lets a
+    collection that outlasts the machine resume on the next one)"""
 
 
 def run_task(name: str, args: Args) -> surrogate.Surrogate | None:
@@ -184,6 +190,9 @@ def main(args: Args) -> None:
     if args.ship and args.report_only:
         raise SystemExit("--ship fits and ships; --report-only fits nothing: pick one")
     torch.set_num_threads(args.threads)
+    if args.store is not None:
+        args.store.mkdir(parents=True, exist_ok=True)
+        os.environ[surrogate.STORE_ENV] = str(args.store.resolve())
     results = {name: run_task(name, args) for name in args.tasks}
     if args.ship:
         if args.dataset is not None:

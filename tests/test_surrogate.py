@@ -455,6 +455,28 @@ def test_proxy_fidelity_benchmark_writes_its_report(cache, tmp_path):
         bench["main"](bench["Args"](tasks=["AutoSculpt-VGG@x"], dataset="digits", out=out))
 
 
+def test_proxy_fidelity_store_keeps_the_evaluations_in_a_folder(cache, tmp_path, monkeypatch):
+    """``--store DIR``: the evaluations go to DIR (a committed folder outlives the machine)
+    and a second run resumes from them without evaluating again."""
+    import runpy
+    from pathlib import Path
+
+    monkeypatch.setenv(sg.STORE_ENV, "")  # restored after the test (main sets it)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "proxy_fidelity.py"
+    bench = runpy.run_path(str(script))
+    store = tmp_path / "collections"
+    args = dict(tasks=["AutoSculpt-VGG@0.5"], dataset="digits", per_sampler=2, progress=False)
+    bench["main"](bench["Args"](**args, out=tmp_path / "a.md", store=store))
+    files = list(store.glob("*.jsonl"))
+    assert len(files) == 1
+    lines = files[0].read_text().splitlines()
+    # the key, then one line per evaluation (the drawn policies, and the dense reference)
+    assert len(lines) >= 1 + 2 * len(SAMPLERS)
+    assert not list((cache / "surrogate" / "evaluations").glob("*.jsonl"))
+    bench["main"](bench["Args"](**args, out=tmp_path / "b.md", store=store))
+    assert files[0].read_text().splitlines() == lines  # resumed: nothing evaluated again
+
+
 def _collect_in_child(problem, plain, key, path):
     store = EvaluationStore(path, key)
     collect(problem, store, lambda: plain, 0.5, TINY, progress=False)

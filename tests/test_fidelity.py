@@ -96,18 +96,6 @@ def test_a_candidate_means_one_reward_on_every_task_and_the_default_names_its_se
     env.close()
 
 
-def test_the_vit_id_sets_the_recovery_its_fidelity_measurement_chose():
-    import autosculpt_env
-
-    vit = autosculpt_env.REGISTERED_CONFIGS["AutoSculpt-ViT"]
-    assert (vit["recovery_samples"], vit["recovery_batch_size"]) == (2048, 8)
-    assert "recovery_samples" not in autosculpt_env.REGISTERED_CONFIGS["AutoSculpt-ResNet"]
-    vit_task = Task("AutoSculpt-ViT", 0.5)
-    assert (
-        fidelity.default_mode(vit_task) == "recovery[recovery_batch_size=8,recovery_samples=2048]"
-    )
-
-
 @pytest.mark.parametrize("spec", ["recovery[recovery_samples=1024", "recovery[recovery_samples]"])
 def test_malformed_candidates_are_refused(spec):
     with pytest.raises(ValueError, match="candidate"):

@@ -189,6 +189,21 @@ class CostTable:
         acts = self._check(actions, full=True)
         return self.fixed_params + sum(float(self.params[i, a]) for i, a in enumerate(acts))
 
+    def flops_varying(self, actions: Sequence[int], k: int, cand: np.ndarray) -> np.ndarray:
+        """:meth:`policy_flops` of a full, valid policy with layer ``k``'s action replaced by
+        each of ``cand`` (valid actions of that layer), as one vector."""
+        acts = np.asarray(actions, dtype=np.int64)
+        rows = np.flatnonzero(np.arange(len(self.layers)) != k)
+        total = self.fixed_flops + self.flops[rows, acts[rows]].sum() + self.flops[k, cand]
+        for (i, m), dead in self._d.items():
+            if i == k:
+                total = total - dead[cand, acts[m]]
+            elif m == k:
+                total = total - dead[acts[i], cand]
+            else:
+                total = total - dead[acts[i], acts[m]]
+        return total
+
     def min_flops_from(self, decided: Sequence[int]) -> float:
         """The fewest FLOPs any completion of a partial policy can reach (exact).
 

@@ -135,6 +135,10 @@ class LatencyTable:
         batch_size: the batch the entries were timed at.
         machine: :func:`machine` at measurement time.
         key: the cache key (what the table was measured for; records name it).
+
+    Derived, not stored (:meth:`with_consumers`): ``dead``, the time a producer's cut
+    channels save in each consumer, and ``prediction``, the whole prediction as a
+    :class:`~autosculpt_env.cost.CostTable` of seconds.
     """
 
     layers: list[str]
@@ -148,7 +152,7 @@ class LatencyTable:
 
     def __post_init__(self) -> None:
         self.dead: dict[tuple[int, int], np.ndarray] = {}
-        self._model = self._as_cost_table()
+        self.prediction = self._as_cost_table()
 
     def with_consumers(self, cost: CostTable) -> LatencyTable:
         """Attach the time a producer's cut channels save in its consumers (derived from the
@@ -162,13 +166,13 @@ class LatencyTable:
                 frac = np.where(flops > 0, d / flops, 0.0)
             dead[(i, m)] = np.clip(frac, 0.0, 1.0) * self.latency[m][None, :]
         self.dead = dead
-        self._model = self._as_cost_table()
+        self.prediction = self._as_cost_table()
         return self
 
     def _as_cost_table(self) -> CostTable:
         """The prediction has the FLOPs table's form (per-layer entries less per-pair
-        corrections over the producer-consumer forest), so it reuses its exact sums and
-        its dynamic program for the cheapest completion."""
+        corrections over the producer-consumer forest), so ``prediction`` is one: its exact
+        sums and its dynamic program for the cheapest completion serve latency too."""
         return CostTable(
             layers=list(self.layers),
             action_names=list(self.action_names),
@@ -183,12 +187,7 @@ class LatencyTable:
 
     def policy_latency(self, actions: Sequence[int]) -> float:
         """Predicted latency of a full policy (seconds per batch)."""
-        acts = [int(a) for a in actions]
-        if len(acts) != len(self.layers):
-            raise ValueError(f"expected {len(self.layers)} actions, got {len(acts)}")
-        if acts and (min(acts) < 0 or max(acts) >= len(self.action_names)):
-            raise ValueError(f"actions must be in 0..{len(self.action_names) - 1}, got {acts}")
-        return self._model.policy_flops(acts)
+        return self.prediction.policy_flops(actions)
 
     def latency_reduction(self, actions: Sequence[int]) -> float:
         """``1 - policy_latency / dense_latency`` (negative where the policy is slower)."""
@@ -197,7 +196,7 @@ class LatencyTable:
     def min_latency_from(self, decided: Sequence[int]) -> float:
         """The lowest predicted latency any completion of a partial policy reaches (exact,
         corrections included)."""
-        return self._model.min_flops_from(decided)
+        return self.prediction.min_flops_from(decided)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -304,3 +304,10 @@ def test_min_flops_next_matches_min_flops_from_for_every_action():
                     want = table.min_flops_from([*prefix, a]) if table._valid[k, a] else np.inf
                     assert got[a] == pytest.approx(want, rel=1e-12, abs=1e-6)
                 prefix.append(int(rng.choice(np.flatnonzero(table._valid[k]))))
+            # the completion wall's query: one layer varied in a full policy
+            for k in range(len(graph.layers)):
+                cand = np.flatnonzero(table._valid[k])
+                got = table.flops_varying(prefix, k, cand)
+                for j, a in enumerate(cand):
+                    want = table.policy_flops([*prefix[:k], int(a), *prefix[k + 1 :]])
+                    assert got[j] == pytest.approx(want, rel=1e-12, abs=1e-6)

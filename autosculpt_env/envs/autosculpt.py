@@ -483,25 +483,10 @@ class AutoSculptEnv(gym.Env):
         k = len(decided)
         cand = np.flatnonzero(p.valid[k])
         ok = np.zeros(self.num_actions, dtype=bool)
-        rows = np.flatnonzero(np.arange(self.num_layers) != k)
         for rule in self._completions:
             acts = np.concatenate([np.asarray(decided, dtype=np.int64), rule[k:]])
-            flops = cost.fixed_flops + cost.flops[rows, acts[rows]].sum() + cost.flops[k, cand]
-            for (i, m), dead in cost.dead.items():
-                if i == k:
-                    flops = flops - dead[cand, acts[m]]
-                elif m == k:
-                    flops = flops - dead[acts[i], cand]
-                else:
-                    flops = flops - dead[acts[i], acts[m]]
-            lat = table.fixed + table.latency[rows, acts[rows]].sum() + table.latency[k, cand]
-            for (i, m), dead in table.dead.items():  # time the cut channels save downstream
-                if i == k:
-                    lat = lat - np.nan_to_num(dead[cand, acts[m]])
-                elif m == k:
-                    lat = lat - np.nan_to_num(dead[acts[i], cand])
-                else:
-                    lat = lat - np.nan_to_num(dead[acts[i], acts[m]])
+            flops = cost.flops_varying(acts, k, cand)
+            lat = table.prediction.flops_varying(acts, k, cand)
             ok[cand] |= (flops <= self._max_flops) & (lat <= self._max_latency)
         return ok
 

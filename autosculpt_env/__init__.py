@@ -36,11 +36,12 @@ leaderboard score, ``benchmarks/fidelity/REWARD_FIDELITY.md``), half the FLOPs r
 
 def registered_configs() -> dict[str, dict]:
     """``{env id: kwargs}``: the generic ``AutoSculpt-v0`` and one id per zoo model
-    (:data:`autosculpt_env.zoo.ZOO`): :data:`ENV_DEFAULTS` and the model's own
-    ``env_kwargs``."""
+    (:data:`autosculpt_env.zoo.ZOO`): :data:`ENV_DEFAULTS`. A model's own defaults
+    (``zoo.ZooModel.env_defaults``) are not id keywords: the env applies them to settings
+    left at ``None``, so ``dataset="digits"`` can cut an image count to its split."""
     return {
         "AutoSculpt-v0": {},
-        **{m.env_id: {"model": m.name, **ENV_DEFAULTS, **m.env_kwargs} for m in _zoo.ZOO.values()},
+        **{m.env_id: {"model": m.name, **ENV_DEFAULTS} for m in _zoo.ZOO.values()},
     }
 
 

@@ -48,7 +48,7 @@ def envs_block() -> str:
         if env_id == "AutoSculpt-v0":
             continue
         model = zoo.ZOO[kw["model"]]
-        own = ", ".join(f"`{k}={v}`" for k, v in model.env_kwargs.items())
+        own = ", ".join(f"`{k}={v}`" for k, v in model.env_defaults.items())
         rows.append(
             f"| `{env_id}` | {model.title} (`{kw['model']}`) | {kw['dataset']} | "
             f"`{kw['catalog']}` | `{kw['reward']}` | `{kw['evaluation']}`"

@@ -82,7 +82,7 @@ holds fewer: the digits twins' holds 120)."""
 
 RECOVERY_SAMPLES = 1024
 """Training images of the ``recovery`` modes' short fine-tuning (one pass) unless told
-otherwise (a zoo id may set its own: ``zoo.ZooModel.env_kwargs``); the whole split when it
+otherwise (a zoo model may set its own: ``zoo.ZooModel.env_defaults``); the whole split when it
 holds fewer. On the fidelity benchmark's competitive policies, 1,024 images at batch 16
 ranked like the fine-tuned score as well as 2,048 or better on the CNN tasks (Spearman 0.70
 / 0.48 / 0.89 / 0.71 against 0.57 / 0.44 / 0.90 / 0.66 on ResNet@0.5, VGG, MobileNet,
@@ -106,12 +106,13 @@ SAMPLE_SETTINGS: dict[str, tuple[str, int, int]] = {
 """``{setting: (split it draws from, default, smallest value)}`` for the env's image counts."""
 
 
-def sample_settings(dataset: str, data_dir=None, **given) -> dict[str, int]:
+def sample_settings(dataset: str, data_dir=None, defaults=None, **given) -> dict[str, int]:
     """The number of images each of :data:`SAMPLE_SETTINGS` uses, as an env records them.
 
-    A setting given as ``None`` (or not given) takes its default, or the whole split when
-    the split holds fewer images; a number is used as given, and refused when the split
-    holds fewer (it is never cut silently, so a record states the number actually used).
+    A setting given as ``None`` (or not given) takes its default (``defaults[name]``, a zoo
+    model's own, else :data:`SAMPLE_SETTINGS`'), or the whole split when the split holds
+    fewer images; a number is used as given, and refused when the split holds fewer (it is
+    never cut silently, so a record states the number actually used).
 
     Raises:
         ValueError: a value that is not an integer, is below its minimum, or asks for more
@@ -123,6 +124,7 @@ def sample_settings(dataset: str, data_dir=None, **given) -> dict[str, int]:
         raise TypeError(f"unknown sample settings {sorted(unknown)}")
     out = {}
     for name, (split, default, low) in SAMPLE_SETTINGS.items():
+        default = (defaults or {}).get(name, default)
         value = given.get(name)
         if value is None:
             out[name] = min(default, data_mod.split_size(dataset, split, data_dir))
@@ -267,9 +269,9 @@ RECOVERY_BATCH_SIZE = 16
 """Batch size of the ``recovery`` modes' short fine-tuning unless told otherwise. Smaller
 batches mean more SGD steps over the same images; on the fidelity benchmark's 34 ViT@0.5
 competitive policies, one pass over 2,048 images ranked like the fine-tuned score with
-Spearman 0.13 at batch 128, 0.73 at 16 and 0.84 at 8 (3.9x a bare forward); the
-``AutoSculpt-ViT`` id does not set it yet, as its digits twin's train split holds fewer
-than 2,048 images (the reward-fidelity report has every task's figures and costs)."""
+Spearman 0.13 at batch 128, 0.73 at 16 and 0.84 at 8 (3.9x a bare forward), so the ViT's
+own defaults are batch 8 over 2,048 images (``zoo.ZooModel.env_defaults``; the
+reward-fidelity report has every task's figures and costs)."""
 
 
 def recovery_recipe(dataset: str, batch_size: int = RECOVERY_BATCH_SIZE):

@@ -588,13 +588,13 @@ def parse_candidate(spec: str) -> tuple[str, dict]:
 
 
 def mode_settings(mode: str) -> dict:
-    """The env settings ``mode`` reads, at the env's own defaults (what a candidate spec
-    leaves unsaid): ``{"recovery_samples": None, "recovery_batch_size": 16}`` for
-    ``recovery``."""
-    from .evaluation import MODE_SETTINGS
-    from .surrogate import _env_defaults
+    """The env settings ``mode`` reads, at the env's common defaults, not a zoo model's own
+    (what a candidate spec leaves unsaid): ``{"recovery_samples": 1024,
+    "recovery_batch_size": 16}`` for ``recovery``."""
+    from .evaluation import MODE_SETTINGS, RECOVERY_BATCH_SIZE, SAMPLE_SETTINGS
 
-    defaults = _env_defaults()
+    defaults = {k: v[1] for k, v in SAMPLE_SETTINGS.items()}
+    defaults["recovery_batch_size"] = RECOVERY_BATCH_SIZE
     parts = mode.split("+")
     return {k: defaults[k] for part in parts for k in MODE_SETTINGS.get(part, ())}
 
@@ -802,15 +802,20 @@ GOAL_COST = 5.0
 
 def default_mode(task: Task) -> str:
     """The candidate the task's registered id rewards with by default: its ``evaluation=``
-    mode, with the settings that mode reads where the id sets them apart from the env's
-    defaults (``"recovery[recovery_batch_size=8,recovery_samples=2048]"``)."""
+    mode, with the settings that mode reads where the id or its zoo model
+    (``zoo.ZooModel.env_defaults``) sets them apart from the env's common defaults
+    (``"recovery[recovery_batch_size=8,recovery_samples=2048]"``)."""
     import gymnasium as gym
 
     import autosculpt_env  # noqa: F401  (registers the ids)
 
+    from . import zoo
     from .surrogate import _env_defaults
 
-    kwargs = gym.spec(task.env_id).kwargs
+    kwargs = {
+        **zoo.env_defaults(gym.spec(task.env_id).kwargs.get("model")),
+        **gym.spec(task.env_id).kwargs,
+    }
     mode = kwargs.get("evaluation", _env_defaults()["evaluation"])
     return candidate_spec(mode, {k: kwargs[k] for k in mode_settings(mode) if k in kwargs})
 

@@ -78,14 +78,14 @@ if TWIN_OWN not in gym.registry:
 def test_a_candidate_means_one_reward_on_every_task_and_the_default_names_its_settings():
     """An id with its own recovery settings (as AutoSculpt-ViT has) reports its default by
     them, and the candidate ``recovery`` still means the env's own defaults there."""
-    from autosculpt_env.evaluation import RECOVERY_BATCH_SIZE
+    from autosculpt_env.evaluation import RECOVERY_BATCH_SIZE, RECOVERY_SAMPLES
 
     own = Task(TWIN_OWN, 0.5)
     assert fidelity.default_mode(TASK) == "recovery"
     assert fidelity.default_mode(own) == "recovery[recovery_batch_size=8,recovery_samples=64]"
     assert fidelity.candidate_kwargs("recovery") == {
         "evaluation": "recovery",
-        "recovery_samples": None,
+        "recovery_samples": RECOVERY_SAMPLES,
         "recovery_batch_size": RECOVERY_BATCH_SIZE,
     }
     assert fidelity.candidate_kwargs(fidelity.default_mode(own))["recovery_samples"] == 64

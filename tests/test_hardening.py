@@ -577,6 +577,38 @@ def test_image_count_larger_than_its_split_is_refused(key, split):
         assert e.unwrapped.env_kwargs[key] == size
 
 
+def test_a_zoo_models_own_defaults_fit_the_split_and_yield_to_given_values():
+    """The ViT's own recovery defaults (2,048 images at batch 8) apply whichever id names the
+    model; the digits twin's train split holds fewer, so the count is cut to it and the
+    record says so; values a user gives are used as given, and refused past the split."""
+    from autosculpt_env import data, zoo
+    from autosculpt_env.evaluation import RECOVERY_BATCH_SIZE, RECOVERY_SAMPLES
+
+    own = zoo.ZOO["vit"].env_defaults
+    train = data.split_size("digits", "train")
+    assert own["recovery_samples"] > train
+    for env in (
+        gym.make("AutoSculpt-ViT", dataset="digits"),
+        gym.make("AutoSculpt-v0", model="vit", dataset="digits", evaluation="recovery"),
+    ):
+        kw = env.unwrapped.env_kwargs
+        assert kw["recovery_samples"] == train
+        assert kw["recovery_batch_size"] == own["recovery_batch_size"] != RECOVERY_BATCH_SIZE
+        assert len(env.unwrapped._reward_evaluator.recovery_data) == train
+    given = gym.make(
+        "AutoSculpt-ViT", dataset="digits", recovery_samples=64, recovery_batch_size=32
+    )
+    assert given.unwrapped.env_kwargs["recovery_samples"] == 64
+    assert given.unwrapped.env_kwargs["recovery_batch_size"] == 32
+    resnet = gym.make("AutoSculpt-ResNet", dataset="digits").unwrapped.env_kwargs
+    assert (resnet["recovery_samples"], resnet["recovery_batch_size"]) == (
+        RECOVERY_SAMPLES,
+        RECOVERY_BATCH_SIZE,
+    )
+    with pytest.raises(ValueError, match=rf"recovery_samples={train + 1} is more than"):
+        gym.make("AutoSculpt-ViT", dataset="digits", recovery_samples=train + 1)
+
+
 def test_train_subset_and_evaluator_refuse_more_than_the_split():
     from autosculpt_env import data
     from autosculpt_env.evaluation import AccuracyEvaluator

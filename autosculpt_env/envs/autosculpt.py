@@ -13,7 +13,7 @@ from gymnasium import spaces
 from torch import nn
 
 from .. import data as data_mod
-from .. import evaluation_limit
+from .. import evaluation_limit, zoo
 from ..band import env_within_band, max_kept
 from ..evaluation import (
     BN_RECALIBRATION_SAMPLES,
@@ -200,10 +200,11 @@ class AutoSculptEnv(gym.Env):
       ``recovery`` (the zoo ids' default), ``reconstruction+recovery`` or ``proxy``
       (:data:`autosculpt_env.evaluation.EVALUATIONS`).
     * ``recovery_samples``: training images of the ``recovery`` modes' short fine-tuning,
-      default ``None``: {RECOVERY_SAMPLES}, or the whole split when it holds fewer.
+      default ``None``: {RECOVERY_SAMPLES} (or the zoo model's own default), or the whole
+      split when it holds fewer.
     * ``recovery_batch_size``: batch size of that fine-tuning (one pass, so
-      ``recovery_samples / recovery_batch_size`` SGD steps), default
-      {RECOVERY_BATCH_SIZE}.
+      ``recovery_samples / recovery_batch_size`` SGD steps), default ``None``:
+      {RECOVERY_BATCH_SIZE} (or the zoo model's own default).
     * ``calibration_samples``: training images whose dense activations define the
       ``reconstruction`` refits, default {CALIBRATION_SAMPLES}.
     * ``band_tolerance``: half-width of the ``band`` reward's target band, default 0.05.
@@ -224,7 +225,8 @@ class AutoSculptEnv(gym.Env):
     * ``AutoSculpt-v0``: the generic env (defaults above, model ``resnet20``).
     {REGISTERED}
 
-    Each zoo id fixes {ENV_DEFAULTS}. Every keyword can be overridden:
+    Each zoo id fixes {ENV_DEFAULTS}. A zoo model may have its own defaults for settings
+    left at ``None`` ({MODEL_DEFAULTS}). Every keyword can be overridden:
     ``gym.make("AutoSculpt-ResNet", dataset="digits")`` is a fast twin.
 
     ## Version History
@@ -250,7 +252,7 @@ class AutoSculptEnv(gym.Env):
         ignored_layers: list[str] | None = None,
         recovery_samples: int | None = None,
         calibration_samples: int = CALIBRATION_SAMPLES,
-        recovery_batch_size: int = RECOVERY_BATCH_SIZE,
+        recovery_batch_size: int | None = None,
         target_latency_reduction: float | None = None,
         latency_batch_size: int | None = None,
         render_mode: str | None = None,
@@ -274,6 +276,9 @@ class AutoSculptEnv(gym.Env):
             raise ValueError(
                 f"target_flops_reduction must be in (0, 1), got {target_flops_reduction}"
             )
+        own = zoo.env_defaults(model)  # the zoo model's own defaults, for settings left at None
+        if recovery_batch_size is None:
+            recovery_batch_size = own.get("recovery_batch_size", RECOVERY_BATCH_SIZE)
         if (
             isinstance(recovery_batch_size, bool)
             or not isinstance(recovery_batch_size, numbers.Integral)
@@ -286,6 +291,7 @@ class AutoSculptEnv(gym.Env):
         samples = sample_settings(
             dataset,
             data_dir,
+            own,
             reward_samples=reward_samples,
             bn_recalibration_samples=bn_recalibration_samples,
             recovery_samples=recovery_samples,
@@ -709,7 +715,7 @@ class AutoSculptEnv(gym.Env):
 
 def _document(doc: str) -> str:
     """Fill the docstring's generated parts from the registries (one source per fact)."""
-    from .. import ENV_DEFAULTS, zoo
+    from .. import ENV_DEFAULTS
     from ..features import layout_rows
     from ..latency import LATENCY_BATCH_SIZE, LATENCY_THREADS
     from ..patterns import CATALOGS
@@ -728,6 +734,12 @@ def _document(doc: str) -> str:
             f"* ``{m.env_id}``: ``{m.name}`` ({m.title})" for m in zoo.ZOO.values()
         ),
         "{ENV_DEFAULTS}": ", ".join(f"``{k}={v!r}``" for k, v in ENV_DEFAULTS.items()),
+        "{MODEL_DEFAULTS}": "; ".join(
+            f"``{m.name}``: " + ", ".join(f"``{k}={v!r}``" for k, v in m.env_defaults.items())
+            for m in zoo.ZOO.values()
+            if m.env_defaults
+        )
+        or "none has",
         "{RECOVERY_BATCH_SIZE}": str(RECOVERY_BATCH_SIZE),
         "{LATENCY_TARGET}": "\n    ".join(textwrap.wrap(LATENCY_TARGET, 88)),
         "{LATENCY_BATCH_SIZE}": str(LATENCY_BATCH_SIZE),

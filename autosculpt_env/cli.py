@@ -118,7 +118,10 @@ def info_dict() -> dict:
         for k, p in inspect.signature(AutoSculptEnv.__init__).parameters.items()
         if k not in ("self", "render_mode")
     }
-    envs = {env_id: {**defaults, **kw} for env_id, kw in REGISTERED_CONFIGS.items()}
+    envs = {
+        env_id: {**defaults, **zoo.env_defaults(kw.get("model")), **kw}
+        for env_id, kw in REGISTERED_CONFIGS.items()
+    }
     models = [
         {
             "model": r["model"],

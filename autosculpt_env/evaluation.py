@@ -274,6 +274,37 @@ own defaults are batch 8 over 2,048 images (``zoo.ZooModel.env_defaults``; the
 reward-fidelity report has every task's figures and costs)."""
 
 
+def env_settings(
+    model, dataset: str, data_dir=None, recovery_batch_size=None, **counts
+) -> dict[str, int]:
+    """The image counts (:data:`SAMPLE_SETTINGS`) and ``recovery_batch_size`` an env of
+    ``model`` on ``dataset`` uses, as its record states them: a value given is used as given
+    (a count refused past its split), one left at ``None`` takes the zoo model's own default
+    (``zoo.ZooModel.env_defaults``) or the env's, a count cut to its split when it holds
+    fewer (:func:`sample_settings`).
+
+    Raises:
+        ValueError: a batch size that is not an integer >= 1, or a count
+            :func:`sample_settings` refuses.
+    """
+    from . import zoo
+
+    own = zoo.env_defaults(model)
+    if recovery_batch_size is None:
+        recovery_batch_size = own.get("recovery_batch_size", RECOVERY_BATCH_SIZE)
+    if (
+        isinstance(recovery_batch_size, bool)
+        or not isinstance(recovery_batch_size, numbers.Integral)
+        or recovery_batch_size < 1
+    ):
+        raise ValueError(
+            f"recovery_batch_size must be an integer >= 1, got {recovery_batch_size!r}"
+        )
+    out = sample_settings(dataset, data_dir, own, **counts)
+    out["recovery_batch_size"] = int(recovery_batch_size)
+    return out
+
+
 def recovery_recipe(dataset: str, batch_size: int = RECOVERY_BATCH_SIZE):
     """The recipe of the ``recovery`` modes: one epoch of the dataset's fine-tuning recipe
     (:func:`finetune.default_recipe`) at ``batch_size``."""

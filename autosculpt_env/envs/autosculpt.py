@@ -13,7 +13,7 @@ from gymnasium import spaces
 from torch import nn
 
 from .. import data as data_mod
-from .. import evaluation_limit, zoo
+from .. import evaluation_limit
 from ..band import env_within_band, max_kept
 from ..evaluation import (
     BN_RECALIBRATION_SAMPLES,
@@ -26,7 +26,7 @@ from ..evaluation import (
     ProxyEvaluator,
     ReconstructionEvaluator,
     RecoveryEvaluator,
-    sample_settings,
+    env_settings,
 )
 from ..features import FeatureLayout, static_features
 from ..graph import EDGE_TYPES
@@ -276,27 +276,19 @@ class AutoSculptEnv(gym.Env):
             raise ValueError(
                 f"target_flops_reduction must be in (0, 1), got {target_flops_reduction}"
             )
-        own = zoo.env_defaults(model)  # the zoo model's own defaults, for settings left at None
-        if recovery_batch_size is None:
-            recovery_batch_size = own.get("recovery_batch_size", RECOVERY_BATCH_SIZE)
-        if (
-            isinstance(recovery_batch_size, bool)
-            or not isinstance(recovery_batch_size, numbers.Integral)
-            or recovery_batch_size < 1
-        ):
-            raise ValueError(
-                f"recovery_batch_size must be an integer >= 1, got {recovery_batch_size!r}"
-            )
-        # image counts as used (never cut to a split's size behind the record's back)
-        samples = sample_settings(
+        # image counts as used (never cut to a split's size behind the record's back, save
+        # a default) and the recovery batch size; None takes the zoo model's own default
+        samples = env_settings(
+            model,
             dataset,
             data_dir,
-            own,
+            recovery_batch_size=recovery_batch_size,
             reward_samples=reward_samples,
             bn_recalibration_samples=bn_recalibration_samples,
             recovery_samples=recovery_samples,
             calibration_samples=calibration_samples,
         )
+        recovery_batch_size = samples["recovery_batch_size"]
         if evaluation not in EVALUATIONS:
             raise ValueError(
                 f"unknown evaluation {evaluation!r}; choose one of {', '.join(EVALUATIONS)}"
@@ -715,7 +707,7 @@ class AutoSculptEnv(gym.Env):
 
 def _document(doc: str) -> str:
     """Fill the docstring's generated parts from the registries (one source per fact)."""
-    from .. import ENV_DEFAULTS
+    from .. import ENV_DEFAULTS, zoo
     from ..features import layout_rows
     from ..latency import LATENCY_BATCH_SIZE, LATENCY_THREADS
     from ..patterns import CATALOGS

@@ -390,16 +390,17 @@ def task_dataset(task: Task, protocol: Protocol) -> str:
 def task_env_kwargs(task: Task, protocol: Protocol, data_dir=None) -> dict:
     """The env keyword arguments a search of ``task`` under ``protocol`` runs with, as its
     record states them: the registered configuration's, with the task's target and the
-    protocol's dataset, search reward and reward samples, image counts as the env uses them
-    (:func:`autosculpt_env.evaluation.sample_settings`: the protocol's ``reward_samples`` or
-    the whole reward split when it holds fewer). ``data_dir`` (the user's) is read for the
-    splits' sizes and not compared."""
+    protocol's dataset, search reward and reward samples, image counts and recovery batch
+    size as the env uses them (:func:`autosculpt_env.evaluation.env_settings`: the
+    protocol's ``reward_samples`` or the whole reward split when it holds fewer, the zoo
+    model's own defaults). ``data_dir`` (the user's) is read for the splits' sizes and not
+    compared."""
     import inspect
 
     import gymnasium as gym
 
     from ..envs.autosculpt import AutoSculptEnv
-    from ..evaluation import SAMPLE_SETTINGS, sample_settings
+    from ..evaluation import SAMPLE_SETTINGS, env_settings
 
     params = inspect.signature(AutoSculptEnv.__init__).parameters
     kwargs = {k: p.default for k, p in params.items() if k not in ("self", "render_mode")}
@@ -411,7 +412,15 @@ def task_env_kwargs(task: Task, protocol: Protocol, data_dir=None) -> dict:
         reward_samples=min(protocol.reward_samples, data.split_size(dataset, "reward", data_dir)),
         dataset=dataset,
     )
-    kwargs.update(sample_settings(dataset, data_dir, **{k: kwargs[k] for k in SAMPLE_SETTINGS}))
+    kwargs.update(
+        env_settings(
+            kwargs["model"],
+            dataset,
+            data_dir,
+            recovery_batch_size=kwargs["recovery_batch_size"],
+            **{k: kwargs[k] for k in SAMPLE_SETTINGS},
+        )
+    )
     kwargs.pop("data_dir", None)
     return kwargs
 

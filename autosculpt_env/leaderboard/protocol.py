@@ -18,7 +18,7 @@ The two tracks (:data:`TRACKS`) are fixed protocols:
   reward evaluations a CPU affords (25) and 5 seeds; the best policy is fine-tuned with the
   fixed recipe and scored by top-1 test accuracy, as in the first leaderboard.
 
-Each is sized to regenerate on 2 CPU cores in about 2 hours (``--jobs 2``; resumable, so it
+Each is sized to regenerate on 2 CPU cores in 2 to 3 hours (``--jobs 2``; resumable, so it
 may run in parts): see ``docs/SUBMITTING.md`` for the arithmetic. ``fast-large`` and
 ``full-large`` are the same protocols with 10x the reward evaluations and more seeds, for a
 GPU machine or a Ray cluster (``--backend ray``); their rows are a different protocol and

@@ -19,6 +19,22 @@ from autosculpt_env.models.vit import Attention
 
 ROOT = Path(__file__).resolve().parents[1]
 
+SURROGATE_STORE = Path(__file__).parent / "data" / "surrogate_store"
+"""The ``recovery`` evaluations of ``AutoSculpt-ResNet``'s digits twin at its default
+settings that its first-use surrogate (``evaluation="proxy"``) is fitted on: 201 policies,
+collected once. A test that points ``$AUTOSCULPT_SURROGATE_STORE`` at a copy
+(:func:`surrogate_store`) fits that surrogate in seconds instead of evaluating for minutes;
+a store whose key no longer matches (other weights or data) is simply not found, and the
+surrogate is collected as on first use."""
+
+
+def surrogate_store(folder: Path) -> Path:
+    """A copy of :data:`SURROGATE_STORE` in ``folder`` (tests never write the committed one)."""
+    import shutil
+
+    return Path(shutil.copytree(SURROGATE_STORE, folder / "surrogate_store"))
+
+
 # one thread: tests run beside other processes (subprocess agents, CI), and torch threads
 # oversubscribing 2 cores slow everything by orders of magnitude (training ~100x)
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import Mixed
+from conftest import Mixed, surrogate_store
 
 import autosculpt_env  # noqa: F401
 from autosculpt_env import data
@@ -28,8 +28,9 @@ from autosculpt_env.evaluation import EVALUATIONS
 from autosculpt_env.fidelity import random_valid_policy
 out = {}
 for mode in EVALUATIONS:
-    env = gym.make("AutoSculpt-ResNet", dataset="digits", evaluation=mode, reward_samples=60,
-                   recovery_samples=256)
+    # the proxy at the twin's default settings: its surrogate fits from the stored evaluations
+    small = {} if mode == "proxy" else dict(reward_samples=60, recovery_samples=256)
+    env = gym.make("AutoSculpt-ResNet", dataset="digits", evaluation=mode, **small)
     rng = random.Random(0)
     out[mode] = [env.unwrapped.evaluate_policy(random_valid_policy(env, rng))["accuracy"]
                  for _ in range(2)]
@@ -38,8 +39,16 @@ print(json.dumps(out))
 
 
 def test_every_mode_is_deterministic_across_processes(tmp_path):
-    env = {"AUTOSCULPT_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1", "PATH": ""}
     import os
+
+    from autosculpt_env.surrogate import STORE_ENV
+
+    env = {
+        "AUTOSCULPT_CACHE": str(tmp_path),
+        STORE_ENV: str(surrogate_store(tmp_path)),
+        "OMP_NUM_THREADS": "1",
+        "PATH": "",
+    }
 
     env = {**os.environ, **env}
     runs = [

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import surrogate_store
 
 from autosculpt_env import leaderboard as lb
 from autosculpt_env.leaderboard import agents as agents_mod
@@ -16,11 +17,6 @@ from autosculpt_env.leaderboard import agents as agents_mod
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "my_agent.py"
 TASK = lb.Task("AutoSculpt-ResNet", 0.5)
-SURROGATE_STORE = Path(__file__).parent / "data" / "surrogate_store"
-"""The digits twin's ``recovery`` evaluations its first-use surrogate is fitted on (201
-policies, collected once by ``evaluation="proxy"``): with them the fast track's test fits
-in seconds instead of evaluating for minutes. A store whose key no longer matches (other
-weights or data) is simply not found, and the surrogate is collected as on first use."""
 
 
 @pytest.mark.parametrize(
@@ -33,8 +29,8 @@ weights or data) is simply not found, and the surrogate is collected as on first
 def test_example_agent_on_both_tracks(track, options, tmp_path, monkeypatch):
     from autosculpt_env import surrogate
 
-    store = shutil.copytree(SURROGATE_STORE, tmp_path / "store")  # the agents inherit it
-    monkeypatch.setenv(surrogate.STORE_ENV, str(store))
+    # the digits twin's surrogate fits from stored evaluations; the agents inherit the variable
+    monkeypatch.setenv(surrogate.STORE_ENV, str(surrogate_store(tmp_path)))
     protocol = lb.make_protocol(track=track, seeds=[1], dataset="digits", **options)
     result = lb.run_all(
         protocol, [TASK], [str(EXAMPLE)], tmp_path / "rows", tmp_path / "runs", progress=False

@@ -617,14 +617,15 @@ def candidate_spec(mode: str, settings: dict) -> str:
 
 def make_candidate_env(task: Task, spec: str):
     """The task's env evaluating with one candidate reward. Settings the spec leaves unsaid
-    are the env's own defaults, not the task's registered id's, so that a candidate's name
-    means the same reward on every task."""
+    are the env's common defaults, given explicitly (not the task's registered id's, nor
+    its zoo model's own, ``zoo.ZooModel.env_defaults``), so that a candidate's name means the
+    same reward on every task."""
     return make_task_env(task, **candidate_kwargs(spec))
 
 
 def candidate_kwargs(spec: str) -> dict:
     """The env keywords of a candidate: its mode, and every setting the mode reads (the
-    spec's, else the env's own default)."""
+    spec's, else the env's common default, :func:`mode_settings`)."""
     mode, settings = parse_candidate(spec)
     return {"evaluation": mode, **mode_settings(mode), **settings}
 

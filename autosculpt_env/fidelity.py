@@ -813,10 +813,8 @@ def default_mode(task: Task) -> str:
     from . import zoo
     from .surrogate import _env_defaults
 
-    kwargs = {
-        **zoo.env_defaults(gym.spec(task.env_id).kwargs.get("model")),
-        **gym.spec(task.env_id).kwargs,
-    }
+    registered = gym.spec(task.env_id).kwargs
+    kwargs = {**zoo.env_defaults(registered.get("model")), **registered}
     mode = kwargs.get("evaluation", _env_defaults()["evaluation"])
     return candidate_spec(mode, {k: kwargs[k] for k in mode_settings(mode) if k in kwargs})
 

@@ -48,6 +48,7 @@ import numpy as np
 
 from .band import max_kept
 from .leaderboard import TASKS, Task, git_commit, load_rows
+from .leaderboard.run import search_reward_identity
 from .readme_blocks import update_block
 from .records import atomic_write_text
 
@@ -655,7 +656,11 @@ def compute_rewards(
     root: Path, task: Task, mode: str, threads: int = 1, progress: bool = True, save_every: int = 8
 ) -> dict:
     """Score every stored policy of the task with one ``evaluation=`` mode (missing ones
-    only; stored every ``save_every`` policies, so a killed run loses little)."""
+    only; stored every ``save_every`` policies, so a killed run loses little).
+
+    A ``proxy`` candidate's answers depend on the surrogate file it loads, not on settings:
+    the file's sha256 is stored with them, and values another surrogate gave are refused.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -663,11 +668,26 @@ def compute_rewards(
     ps = PolicySet.load(root, task)
     d = load_rewards(root, task, mode)
     todo = [p for p in ps.policies if p.key not in d["values"]]
-    if not todo:
+    fitted = parse_candidate(mode)[0] == "proxy"  # its answers depend on a file, not settings
+    if not todo and not fitted:
         return d
     env = make_candidate_env(task, mode)
     base = env.unwrapped
     path = rewards_path(root, task, mode)
+    if fitted:
+        now = search_reward_identity(env)
+        if d["values"] and d.get("surrogate") != now:
+            env.close()
+            there = (d.get("surrogate") or {}).get("sha256", "not recorded")
+            raise ValueError(
+                f"{path}: scored by another surrogate than the one {mode!r} loads now "
+                f"(sha256 {there} there, {now['sha256']} now); delete it to rescore "
+                "every policy with the current one"
+            )
+        d["surrogate"] = now
+        if not todo:
+            env.close()
+            return d
     stored = d.get("env_kwargs") or {}
     from .evaluation import unused_settings
 

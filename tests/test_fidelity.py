@@ -140,6 +140,32 @@ def test_rewards_resume_and_refuse_other_settings(root):
         fidelity.compute_rewards(root, TASK, "accuracy", progress=False)
 
 
+def test_proxy_rewards_name_their_surrogate_and_refuse_another(root, tmp_path, monkeypatch):
+    from conftest import surrogate_store
+
+    from autosculpt_env import surrogate
+
+    monkeypatch.setenv(surrogate.STORE_ENV, str(surrogate_store(tmp_path)))
+    d = fidelity.compute_rewards(root, TASK, "proxy", progress=False)
+    assert len(d["values"]) == 4 and d["surrogate"]["mode"] == "recovery"
+    sha = d["surrogate"]["sha256"]
+    assert len(sha) == 64
+    path = fidelity.rewards_path(root, TASK, "proxy")
+    assert fidelity.compute_rewards(root, TASK, "proxy", progress=False)["values"] == d["values"]
+
+    # values from another surrogate (or from before surrogates were recorded) are refused,
+    # even when no policy is missing
+    stored = json.loads(path.read_text())
+    stored["surrogate"]["sha256"] = "0" * 64
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=f"another surrogate.*{'0' * 64} there, {sha} now"):
+        fidelity.compute_rewards(root, TASK, "proxy", progress=False)
+    del stored["surrogate"]
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match="not recorded there"):
+        fidelity.compute_rewards(root, TASK, "proxy", progress=False)
+
+
 def test_agreement_of_a_perfect_and_a_reversed_ranking():
     x = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     a = fidelity.agreement(x, [2 * v for v in x], resamples=200)

@@ -316,8 +316,10 @@ class RecoveryEvaluator(AccuracyEvaluator):
 
     One pass of the dataset's fine-tuning recipe at batch ``recovery_batch_size``
     (:func:`recovery_recipe`) over the first ``recovery_samples`` images of a fixed seeded subset of the
-    ``train`` split, seed 0, masks held exactly (:func:`finetune.train_held`). With
-    ``reconstruction=True`` the fine-tuning starts from the refitted weights.
+    ``train`` split, seed ``seed`` (0 in the env), masks held exactly
+    (:func:`finetune.train_held`). With ``reconstruction=True`` the fine-tuning starts from the
+    refitted weights. Another ``seed`` measures how much the reward depends on it
+    (:func:`autosculpt_env.envs.autosculpt.seeded_reward_evaluator`).
     """
 
     def __init__(
@@ -331,7 +333,9 @@ class RecoveryEvaluator(AccuracyEvaluator):
         reconstruction: bool = False,
         calibration_samples: int = CALIBRATION_SAMPLES,
         recovery_batch_size: int = RECOVERY_BATCH_SIZE,
+        seed: int = 0,
     ):
+        self.seed = int(seed)
         self.recovery_data = train_subset(dataset, recovery_samples, data_dir, "recovery_samples")
         self.recipe = recovery_recipe(dataset, recovery_batch_size)
         self._dense_state = {k: v.clone() for k, v in problem.model.state_dict().items()}
@@ -354,7 +358,9 @@ class RecoveryEvaluator(AccuracyEvaluator):
             self.net.load_state_dict(self._base.net.state_dict())
         masks = self.problem.held_masks(policy)
         with torch.random.fork_rng(devices=[]):  # leave the caller's (an agent's) RNG alone
-            train_held(self.net, masks, self.recovery_data, self.recipe, seed=0, desc="recovery")
+            train_held(
+                self.net, masks, self.recovery_data, self.recipe, seed=self.seed, desc="recovery"
+            )
         self._applied = None
 
 

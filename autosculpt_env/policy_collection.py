@@ -385,6 +385,32 @@ def draw(
     return out
 
 
+def _memoised(
+    store: EvaluationStore,
+    evaluator: Callable[[], Callable[[Sequence[int]], float]],
+    bar,
+) -> Callable[[tuple[int, ...]], float]:
+    """``policy -> accuracy`` from ``store``, scoring (and storing) only what it lacks; the
+    evaluator is built on the first miss."""
+    evaluate_fn: Callable[[Sequence[int]], float] | None = None
+
+    def evaluate(policy: tuple[int, ...]) -> float:
+        nonlocal evaluate_fn
+        acc = store.get(policy)
+        if acc is None:
+            with store.locked():  # another collector may have scored it meanwhile
+                acc = store.get(policy)
+                if acc is None:
+                    if evaluate_fn is None:
+                        evaluate_fn = evaluator()
+                    acc = float(evaluate_fn(list(policy)))
+                    store.add(policy, acc)
+        bar.update(1)
+        return acc
+
+    return evaluate
+
+
 def collect(
     problem: PruningProblem,
     store: EvaluationStore,
@@ -409,28 +435,13 @@ def collect(
     Returns:
         The :class:`Collection`.
     """
-    evaluate_fn: Callable[[Sequence[int]], float] | None = None
     bar = tqdm(
         total=len(design.samplers) * design.per_sampler + 1,
         desc=desc,
         disable=not progress,
         leave=False,
     )
-
-    def evaluate(policy: tuple[int, ...]) -> float:
-        nonlocal evaluate_fn
-        acc = store.get(policy)
-        if acc is None:
-            with store.locked():  # another collector may have scored it meanwhile
-                acc = store.get(policy)
-                if acc is None:
-                    if evaluate_fn is None:
-                        evaluate_fn = evaluator()
-                    acc = float(evaluate_fn(list(policy)))
-                    store.add(policy, acc)
-        bar.update(1)
-        return acc
-
+    evaluate = _memoised(store, evaluator, bar)
     try:
         dense = evaluate(tuple([problem.dense_action] * problem.num_layers))
         rows, labels = [], []
@@ -447,3 +458,37 @@ def collect(
         samplers=tuple(design.samplers),
         dense_accuracy=dense,
     )
+
+
+def rescore(
+    collection: Collection,
+    store: EvaluationStore,
+    evaluator: Callable[[], Callable[[Sequence[int]], float]],
+    per_sampler: int,
+    progress: bool = True,
+    desc: str = "rescored policies",
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Score each sampler's first ``per_sampler`` policies again with another evaluator (e.g.
+    the same reward under another seed), resuming from ``store``.
+
+    Returns:
+        ``{sampler: (accuracies in the collection, accuracies now)}``.
+    """
+    picked = {
+        name: np.flatnonzero(collection.sampler == j)[:per_sampler]
+        for j, name in enumerate(collection.samplers)
+    }
+    bar = tqdm(
+        total=sum(len(i) for i in picked.values()), desc=desc, disable=not progress, leave=False
+    )
+    evaluate = _memoised(store, evaluator, bar)
+    try:
+        return {
+            name: (
+                collection.accuracy[idx],
+                np.asarray([evaluate(tuple(collection.policies[i].tolist())) for i in idx]),
+            )
+            for name, idx in picked.items()
+        }
+    finally:
+        bar.close()

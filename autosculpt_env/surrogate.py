@@ -199,16 +199,21 @@ def env_key(env) -> tuple[dict, str]:
     ``evaluation="proxy"`` on the same keywords computes.
     """
     base = env.unwrapped
-    kw = base.env_kwargs
     mode = proxied_mode(base.problem.model_name, base.problem.catalog.name)
-    settings = (
-        kw["reward_samples"],
-        kw["bn_recalibration_samples"],
-        kw["recovery_samples"],
-        kw["calibration_samples"],
-        kw["recovery_batch_size"],
+    key = config_key(
+        base.problem, base.evaluator, base.env_kwargs["dataset"], mode, base.reward_settings
     )
-    return config_key(base.problem, base.evaluator, kw["dataset"], mode, settings), mode
+    return key, mode
+
+
+def seeded_key(key: dict, seed: int) -> dict:
+    """The key of the same reward with its recovery pass trained under ``seed`` (seed 0's key
+    is ``key`` itself: the env's reward)."""
+    if "recovery" not in key["mode"]:
+        raise ValueError(f"mode {key['mode']!r} trains nothing, so it has no seed")
+    if int(seed) == 0:
+        return key
+    return {**key, "mode_settings": {**key["mode_settings"], "recovery_seed": int(seed)}}
 
 
 def _digest(obj) -> str:

@@ -20,6 +20,12 @@ with all of them to write the report from stored evaluations alone (it refits), 
 ``--report-only`` to write it from the shipped or cached fits without fitting anything. ``--ship`` copies the
 fitted surrogates and their evaluations into ``autosculpt_env/surrogates`` (with sha256 and
 held-out figures in ``manifest.json``) so ``evaluation="proxy"`` is instant on install.
+
+``--reward-seed-policies N`` scores each sampler's first ``N`` policies again with the
+reward's recovery pass trained under seed 1 instead of 0 (stored like the evaluations) and
+reports the reward's own seed-0-vs-1 Spearman per sampler: where the reward's ranking of a
+sampler's policies depends on its seed, a surrogate of the seed-0 values cannot be expected
+to rank them much better. Every report shows what is stored of it.
 """
 
 from __future__ import annotations
@@ -30,13 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gymnasium as gym
+import numpy as np
 import torch
 import tyro
 
 import autosculpt_env  # noqa: F401
 from autosculpt_env import surrogate
+from autosculpt_env.envs.autosculpt import seeded_reward_evaluator
 from autosculpt_env.leaderboard import TASKS, Task
-from autosculpt_env.policy_collection import SAMPLERS, Design
+from autosculpt_env.policy_collection import SAMPLERS, Design, EvaluationStore, rescore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,9 +75,18 @@ class Args:
     store: Path | None = None
     """keep the evaluations in this folder instead of the cache (a committed folder lets a
     collection that outlasts the machine resume on the next one)"""
+    reward_seed_policies: int = 0
+    """score each sampler's first N policies again under the recovery pass's seed 1 (the
+    reward's own seed agreement; 30 for the published report)"""
 
 
-def run_task(name: str, args: Args) -> surrogate.Surrogate | None:
+SEED = 1
+"""The recovery seed the reward's seed agreement compares with the env's (0)."""
+
+
+def run_task(name: str, args: Args) -> tuple[surrogate.Surrogate | None, dict]:
+    """The task's surrogate (``None`` if --report-only finds none) and its reward's seed
+    agreement (:func:`_seed_agreement`; empty for a reward that trains nothing)."""
     try:
         task = Task.parse(name)
     except ValueError as e:
@@ -85,15 +102,53 @@ def run_task(name: str, args: Args) -> surrogate.Surrogate | None:
 
     design = Design(tuple(args.samplers), args.per_sampler, args.seed)
     if args.report_only:
-        return _stored(name, scorer, key, target, design)
-    t0 = time.perf_counter()
-    s = surrogate.build(scorer.problem, key, target, evaluator, design, args.progress)
-    print(
-        f"{name}: {len(s.collection.policies)} policies ({scorer.num_reward_evaluations} "
-        f"evaluated now), mode {mode}, chosen {s.model_name}, held-out Spearman min "
-        f"{_num(s.meta()['heldout_min'])}, {time.perf_counter() - t0:.0f} s"
-    )
-    return s
+        s = _stored(name, scorer, key, target, design)
+    else:
+        t0 = time.perf_counter()
+        s = surrogate.build(scorer.problem, key, target, evaluator, design, args.progress)
+        print(
+            f"{name}: {len(s.collection.policies)} policies ({scorer.num_reward_evaluations} "
+            f"evaluated now), mode {mode}, chosen {s.model_name}, held-out Spearman min "
+            f"{_num(s.meta()['heldout_min'])}, {time.perf_counter() - t0:.0f} s"
+        )
+    seeds = {}
+    if s is not None and "recovery" in mode:
+        seeds = _seed_agreement(name, scorer, key, s.collection, args)
+    return s, seeds
+
+
+def _seed_agreement(name: str, scorer, key: dict, collection, args: Args) -> dict:
+    """``{sampler: (Spearman of the reward under seeds 0 and SEED, policies)}`` from what is
+    stored, after scoring ``--reward-seed-policies`` per sampler (none with --report-only)."""
+    seeded = surrogate.seeded_key(key, SEED)
+    store = EvaluationStore(surrogate.evaluations_path(seeded), seeded)
+    if args.reward_seed_policies > 0 and not args.report_only:
+
+        def evaluator():
+            return seeded_reward_evaluator(scorer, SEED)
+
+        t0 = time.perf_counter()
+        rescore(
+            collection,
+            store,
+            evaluator,
+            args.reward_seed_policies,
+            args.progress,
+            desc=f"{name} reward under seed {SEED}",
+        )
+        print(f"{name}: reward seed agreement scored, {time.perf_counter() - t0:.0f} s")
+    with store.locked():
+        pass
+    out = {}
+    for j, sampler in enumerate(collection.samplers):
+        idx = [
+            i
+            for i in np.flatnonzero(collection.sampler == j)
+            if store.get(collection.policies[i]) is not None
+        ]
+        again = [store.get(collection.policies[i]) for i in idx]
+        out[sampler] = (surrogate.spearman(collection.accuracy[idx], np.asarray(again)), len(idx))
+    return out
 
 
 def _stored(
@@ -117,7 +172,9 @@ def _num(v: float | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def render(results: dict[str, surrogate.Surrogate | None], command: str) -> str:
+def render(
+    results: dict[str, surrogate.Surrogate | None], seed_agreement: dict[str, dict], command: str
+) -> str:
     lines = [
         "# Proxy fidelity",
         "",
@@ -131,7 +188,11 @@ def render(results: dict[str, surrogate.Surrogate | None], command: str) -> str:
         "*pooled* ranks all out-of-fold predictions together. The "
         "candidate with the best *min* is refitted on all policies and used (marked ✓; its "
         "figures are the best of four on the same folds, so slightly optimistic). Predict: "
-        "median time of one call, measured when it was fitted (machine load unknown).",
+        "median time of one call, measured when it was fitted (machine load unknown). "
+        f"*Reward's seeds*: Spearman between the reward and the same reward with its recovery "
+        f"pass trained under seed {SEED} instead of 0, on a sampler's first policies (how many: "
+        "in brackets; `--reward-seed-policies`): where the reward's own ranking depends on its "
+        "seed, no surrogate of the seed-0 values can be expected to rank much better.",
         "",
         f"Generated by `{command}`.",
         "",
@@ -151,6 +212,8 @@ def render(results: dict[str, surrogate.Surrogate | None], command: str) -> str:
                 "figures are not the proxy's published fidelity.*",
                 "",
             ]
+        seeds = seed_agreement.get(name, {})
+        seeds = seeds if any(n for _, n in seeds.values()) else {}
         lines += [
             f"Mode `{meta['mode']}` of `{meta['key']['model']}` on `{meta['key']['dataset']}`, "
             f"{meta['policies']} policies ({meta['design']['per_sampler']} per sampler, seed "
@@ -160,18 +223,26 @@ def render(results: dict[str, surrogate.Surrogate | None], command: str) -> str:
             "",
             "| sampler | policies | "
             + " | ".join(k + (" ✓" if k == s.model_name else "") for k in cands)
+            + (" | reward's seeds" if seeds else "")
             + " |",
-            "|---|---:|" + "---:|" * len(cands),
+            "|---|---:|" + "---:|" * (len(cands) + bool(seeds)),
         ]
+        tail = " |" if seeds else ""
         for sampler in c.samplers:
             row = [_num(s.heldout[k].per_sampler.get(sampler)) for k in cands]
+            if seeds:
+                rho, n = seeds.get(sampler, (None, 0))
+                row.append(f"{_num(rho)} ({n})" if n else "–")
             lines.append(f"| {sampler} | {c.counts[sampler]} | " + " | ".join(row) + " |")
         lines.append(
             "| **min** | | "
             + " | ".join(f"**{_num(s.heldout[k].minimum, 3)}**" for k in cands)
+            + tail
             + " |"
         )
-        lines.append("| pooled | | " + " | ".join(_num(s.heldout[k].overall) for k in cands) + " |")
+        lines.append(
+            "| pooled | | " + " | ".join(_num(s.heldout[k].overall) for k in cands) + tail + " |"
+        )
         lines.append("")
     if missing:
         lines += ["## Not built yet", ""]
@@ -193,7 +264,8 @@ def main(args: Args) -> None:
     if args.store is not None:
         args.store.mkdir(parents=True, exist_ok=True)
         os.environ[surrogate.STORE_ENV] = str(args.store.resolve())
-    results = {name: run_task(name, args) for name in args.tasks}
+    done = {name: run_task(name, args) for name in args.tasks}
+    results = {name: s for name, (s, _) in done.items()}
     if args.ship:
         if args.dataset is not None:
             raise SystemExit("--ship ships the registered tasks' surrogates: drop --dataset")
@@ -201,7 +273,8 @@ def main(args: Args) -> None:
             entry = surrogate.ship(s, Task.parse(name).env_id, name)
             print(f"shipped {name}: {entry['file']} sha256 {entry['sha256'][:12]}…")
     command = "python benchmarks/proxy_fidelity.py " + " ".join(sys.argv[1:])
-    args.out.write_text(render(results, command.strip()) + "\n")
+    seeds = {name: seeds for name, (_, seeds) in done.items()}
+    args.out.write_text(render(results, seeds, command.strip()) + "\n")
     print(f"wrote {args.out}")
 
 

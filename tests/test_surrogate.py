@@ -457,7 +457,8 @@ def test_proxy_fidelity_benchmark_writes_its_report(cache, tmp_path):
 
 def test_proxy_fidelity_store_keeps_the_evaluations_in_a_folder(cache, tmp_path, monkeypatch):
     """``--store DIR``: the evaluations go to DIR (a committed folder outlives the machine)
-    and a second run resumes from them without evaluating again."""
+    and a second run resumes from them without evaluating again; the reward's seed agreement
+    (``--reward-seed-policies``) is stored there too and read back by --report-only."""
     import runpy
     from pathlib import Path
 
@@ -473,8 +474,43 @@ def test_proxy_fidelity_store_keeps_the_evaluations_in_a_folder(cache, tmp_path,
     # the key, then one line per evaluation (the drawn policies, and the dense reference)
     assert len(lines) >= 1 + 2 * len(SAMPLERS)
     assert not list((cache / "surrogate" / "evaluations").glob("*.jsonl"))
-    bench["main"](bench["Args"](**args, out=tmp_path / "b.md", store=store))
+    assert "reward's seeds" not in (tmp_path / "a.md").read_text()  # none scored under seed 1
+
+    # resumed, and --reward-seed-policies 2: each sampler's first 2 policies scored again
+    # with the recovery pass under seed 1, in a store of their own key beside the first
+    bench["main"](bench["Args"](**args, out=tmp_path / "b.md", store=store, reward_seed_policies=2))
     assert files[0].read_text().splitlines() == lines  # resumed: nothing evaluated again
+    (seeded_file,) = set(store.glob("*.jsonl")) - set(files)
+    seeded = seeded_file.read_text().splitlines()
+    assert json.loads(seeded[0])["key"]["mode_settings"]["recovery_seed"] == 1
+    assert len(seeded) == 1 + 2 * len(SAMPLERS)  # the key, 2 policies per sampler
+    report = (tmp_path / "b.md").read_text()
+    assert "reward's seeds |" in report
+    for sampler in SAMPLERS:
+        row = next(line for line in report.splitlines() if line.startswith(f"| {sampler} |"))
+        assert row.endswith("(2) |"), row
+    bench["main"](bench["Args"](**args, out=tmp_path / "c.md", store=store, report_only=True))
+    assert seeded_file.read_text().splitlines() == seeded  # read back, nothing scored again
+    strip = lambda text: text.split("## ", 1)[1]  # noqa: E731  (the command line differs)
+    assert strip((tmp_path / "c.md").read_text()) == strip(report)
+
+
+def test_a_seeded_reward_evaluator_is_the_env_reward_under_another_seed(cache):
+    from autosculpt_env.envs.autosculpt import seeded_reward_evaluator
+
+    env = gym.make("AutoSculpt-VGG", dataset="digits", evaluation="recovery").unwrapped
+    rng = np.random.default_rng(0)
+    policies = [[int(rng.choice(np.flatnonzero(v))) for v in env.problem.valid] for _ in range(3)]
+    base = [env.evaluate_policy(p)["accuracy"] for p in policies]
+    assert [seeded_reward_evaluator(env, 0)(p) for p in policies] == base
+    other = [seeded_reward_evaluator(env, 1)(p) for p in policies]
+    assert other != base  # the seed decides the recovery pass's batches
+    assert [env.evaluate_policy(p)["accuracy"] for p in policies] == base  # env untouched
+    key, _ = sg.env_key(env)
+    assert sg.seeded_key(key, 0) == key and sg.seeded_key(key, 1) != key
+    plain = gym.make("AutoSculpt-VGG", dataset="digits", evaluation="accuracy")
+    with pytest.raises(ValueError, match="no seed"):
+        seeded_reward_evaluator(plain, 1)
 
 
 def _collect_in_child(problem, plain, key, path):

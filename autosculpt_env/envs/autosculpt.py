@@ -39,8 +39,9 @@ from ..surrogate import proxied_mode
 _SHARED: dict[tuple, tuple] = {}
 
 
-def _reward_evaluator(evaluation, problem, plain, dataset, data_dir, settings):
-    """The evaluator of an ``evaluation=`` mode (the plain one serves ``accuracy``)."""
+def _reward_evaluator(evaluation, problem, plain, dataset, data_dir, settings, seed=0):
+    """The evaluator of an ``evaluation=`` mode (the plain one serves ``accuracy``);
+    ``seed`` is the recovery pass's."""
     reward_samples, recal, recovery_samples, calibration_samples, recovery_batch_size = settings
     if evaluation == "accuracy":
         return plain
@@ -58,6 +59,29 @@ def _reward_evaluator(evaluation, problem, plain, dataset, data_dir, settings):
         reconstruction=evaluation == "reconstruction+recovery",
         calibration_samples=calibration_samples,
         recovery_batch_size=recovery_batch_size,
+        seed=seed,
+    )
+
+
+def seeded_reward_evaluator(env, seed: int) -> RecoveryEvaluator:
+    """A new evaluator of ``env``'s ``recovery`` reward that trains with ``seed`` instead of
+    the env's 0, sharing no network or memo with the env's (``benchmarks/proxy_fidelity.py``
+    measures with it how much the reward depends on its seed)."""
+    base = env.unwrapped
+    kw = base.env_kwargs
+    if "recovery" not in kw["evaluation"]:
+        raise ValueError(
+            f"evaluation={kw['evaluation']!r} trains nothing, so it has no seed; "
+            "only the recovery modes do"
+        )
+    return _reward_evaluator(
+        kw["evaluation"],
+        base.problem,
+        base.evaluator,
+        kw["dataset"],
+        kw["data_dir"],
+        base.reward_settings,
+        seed=int(seed),
     )
 
 
@@ -357,18 +381,21 @@ class AutoSculptEnv(gym.Env):
         if latency_batch_size is not None:
             self._init_kwargs["latency_batch_size"] = int(latency_batch_size)
 
+        # what every reward evaluator is built with: (reward_samples, bn_recalibration_samples,
+        # recovery_samples, calibration_samples, recovery_batch_size)
+        self.reward_settings = (
+            samples["reward_samples"],
+            samples["bn_recalibration_samples"],
+            samples["recovery_samples"],
+            samples["calibration_samples"],
+            int(recovery_batch_size),
+        )
         self.problem, self.evaluator, self._static, self._reward_evaluator = _shared_problem(
             model,
             dataset,
             data_dir,
             catalog,
-            (
-                samples["reward_samples"],
-                samples["bn_recalibration_samples"],
-                samples["recovery_samples"],
-                samples["calibration_samples"],
-                int(recovery_batch_size),
-            ),
+            self.reward_settings,
             evaluation,
             None if ignored_layers is None else tuple(ignored_layers),
             self.target,

@@ -77,7 +77,8 @@ class Args:
     collection that outlasts the machine resume on the next one)"""
     reward_seed_policies: int = 0
     """score each sampler's first N policies again under the recovery pass's seed 1 (the
-    reward's own seed agreement; 30 for the published report)"""
+    reward's own seed agreement; 30 for the published report; with --report-only, the
+    shipped surrogate's policies)"""
 
 
 SEED = 1
@@ -119,10 +120,11 @@ def run_task(name: str, args: Args) -> tuple[surrogate.Surrogate | None, dict]:
 
 def _seed_agreement(name: str, scorer, key: dict, collection, args: Args) -> dict:
     """``{sampler: (Spearman of the reward under seeds 0 and SEED, policies)}`` from what is
-    stored, after scoring ``--reward-seed-policies`` per sampler (none with --report-only)."""
+    stored, after scoring ``--reward-seed-policies`` per sampler (with --report-only too: it
+    fits and collects nothing for the surrogate, and takes a shipped one's policies)."""
     seeded = surrogate.seeded_key(key, SEED)
     store = EvaluationStore(surrogate.evaluations_path(seeded), seeded)
-    if args.reward_seed_policies > 0 and not args.report_only:
+    if args.reward_seed_policies > 0:
 
         def evaluator():
             return seeded_reward_evaluator(scorer, SEED)

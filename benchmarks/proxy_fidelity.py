@@ -139,9 +139,7 @@ def _seed_agreement(name: str, scorer, key: dict, collection, args: Args) -> dic
             desc=f"{name} reward under seed {SEED}",
         )
         print(f"{name}: reward seed agreement scored, {time.perf_counter() - t0:.0f} s")
-    with store.locked():
-        pass
-    out = {}
+    out = {}  # the store read itself when opened, and holds what rescore added
     for j, sampler in enumerate(collection.samplers):
         idx = [
             i

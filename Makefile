@@ -12,8 +12,10 @@ setup:
 run: setup
 	$(PY) agents/ppo_gnn.py --env-id $(ENV_ID) $(ARGS)
 
+# the test files spread over the cores (one worker per core, at most 4), each file in one
+# worker so that its module-scoped fixtures are built once
 test: setup
-	$(PY) -m pytest -q --durations=15 $(ARGS)
+	$(PY) -m pytest -q --durations=15 --numprocesses=auto --maxprocesses=4 --dist=loadfile $(ARGS)
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -180,6 +180,27 @@ def test_committed_first_leaderboard_rows_still_check_and_render():
     assert abs(next(e for e in agg if e["agent"] == "uniform")["mean"]) < 1e-9
 
 
+def test_rows_of_two_protocols_share_ids_but_one_protocol_stores_a_row_once(board, tmp_path):
+    # the first leaderboard's ResNet DDPG-AMC seed 1 and a custom protocol's row of the same
+    # (task, agent, seed) are two rows; both load and render, each in its own table
+    first = ROOT / "benchmarks" / "rows" / "AutoSculpt-ResNet@0.5__ddpg_amc__seed1.json"
+    row = dict(board["rows"][0])
+    row.pop("_path")
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "a.json").write_text(
+        json.dumps(dict(row, row_id=json.loads(first.read_text())["row_id"]))
+    )
+    both = lb.load_rows([first, twin])
+    assert len(both) == 2 and len({r["protocol_key"] for r in both}) == 2
+    md = lb.render(both)
+    assert "## First leaderboard" in md and board["protocol"].key() in md
+    # the same row of the same protocol twice is refused, naming both files
+    (twin / "b.json").write_text(json.dumps(dict(row, row_id=both[1]["row_id"])))
+    with pytest.raises(ValueError, match=r"stored twice: .*a\.json and .*b\.json"):
+        lb.load_rows(twin)
+
+
 def test_validate_command_fails_on_a_tampered_row(board, tmp_path, capsys):
     row = dict(board["rows"][0])
     row.pop("_path")

@@ -181,7 +181,8 @@ def load_rows(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[di
     """Rows from row files and/or rows folders (``*.json``; temporary files are ignored).
 
     Raises:
-        ValueError: a file is not a row, or two files hold the same row id.
+        ValueError: a file is not a row, or two files hold the same row id of the same
+            protocol.
     """
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
@@ -201,9 +202,14 @@ def load_rows(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[di
             raise ValueError(f"{f} is not JSON: {e}") from e
         if not isinstance(row, dict) or "row_id" not in row or "record" not in row:
             raise ValueError(f"{f} is not a leaderboard row")
-        if row["row_id"] in seen:
-            raise ValueError(f"row {row['row_id']} is stored twice: {seen[row['row_id']]} and {f}")
-        seen[row["row_id"]] = f
+        # a row id names a (task, agent, seed): rows of different protocols (the tracks, the
+        # first leaderboard) share ids and never share a table
+        key = (row.get("protocol_key"), row["row_id"])
+        if key in seen:
+            raise ValueError(
+                f"row {row['row_id']} of protocol {key[0]} is stored twice: {seen[key]} and {f}"
+            )
+        seen[key] = f
         row["_path"] = str(f)
         rows.append(row)
     return rows

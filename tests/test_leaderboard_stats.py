@@ -141,3 +141,30 @@ def test_protocols_never_share_a_table():
     groups = report.groups(a + b)
     assert [g.key for g in groups] == ["k", "other"]
     assert all(len(g.rows) == 2 for g in groups)
+
+
+def test_a_partial_track_says_how_much_of_it_is_in():
+    from autosculpt_env.leaderboard import AGENTS, TASKS
+
+    dense = {t.name: 0.9 for t in TASKS}
+    whole = _rows(
+        {(t.name, a): [0.5 + 0.01 * i, 0.52] for t in TASKS for i, a in enumerate(AGENTS)}, dense
+    )
+    for r in whole:
+        r["protocol"] = dict(r["protocol"], seeds=[1, 2])
+    [g] = report.groups(whole)
+    assert g.missing() == [] and g.completeness() == ""
+    assert "Partial" not in report.render(whole) and "Partial" not in report.readme_block(whole)
+
+    gone = f"{TASKS[2].name}__{AGENTS[0]}__seed2"
+    rows = [r for r in whole if r["row_id"] != gone]
+    [g] = report.groups(rows)
+    assert g.missing() == [gone]
+    total = len(TASKS) * len(AGENTS) * 2
+    said = f"**Partial:** {total - 1} of the track's {total} rows"
+    assert said in g.completeness() and f"`{TASKS[2].name}`" not in g.completeness()
+    assert f"`{TASKS[0].name}`" in g.completeness()
+    assert said in report.render(rows) and said in report.readme_block(rows)
+    # a custom protocol's extent is its runner's: nothing is said missing
+    custom = [dict(r, track="custom") for r in rows]
+    assert report.groups(custom)[0].missing() == []

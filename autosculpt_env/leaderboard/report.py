@@ -57,6 +57,35 @@ class Group:
             else f"{self.track}-{self.key}"
         )
 
+    def missing(self) -> list[str]:
+        """The row ids a named track still lacks: every fixed task x reference agent x
+        protocol seed without a row (empty for the first leaderboard and custom protocols,
+        whose extent only their runner knows)."""
+        if self.schema != 2 or self.track not in TRACKS:
+            return []
+        have = {(r["task"], r["agent"], r["seed"]) for r in self.rows}
+        return [
+            f"{t.name}__{a}__seed{s}"
+            for t in TASKS
+            for a in AGENTS
+            for s in self.protocol.seeds
+            if (t.name, a, s) not in have
+        ]
+
+    def completeness(self) -> str:
+        """One sentence saying how much of a named track is in, or "" when all of it is."""
+        missing = self.missing()
+        if not missing:
+            return ""
+        total = len(TASKS) * len(AGENTS) * len(self.protocol.seeds)
+        done = [t.name for t in TASKS if not any(m.startswith(f"{t.name}__") for m in missing)]
+        return (
+            f"**Partial:** {total - len(missing)} of the track's {total} rows ({len(TASKS)} tasks "
+            f"x {len(AGENTS)} reference agents x {len(self.protocol.seeds)} seeds) are in; "
+            f"tasks complete: {', '.join(f'`{t}`' for t in done) or 'none'}. The figures "
+            "below cover only the rows that exist and will change as the track completes."
+        )
+
     @property
     def score_name(self) -> str:
         if self.protocol.finetunes:
@@ -238,6 +267,8 @@ def render(
 
 def _render_group(g: Group, plots_dir, output) -> list[str]:
     lines = [f"## {g.title}", "", g.protocol.describe()]
+    if g.completeness():
+        lines += ["", g.completeness()]
     if g.schema == 2:
         lines += [
             "",
@@ -312,7 +343,8 @@ def readme_block(rows: list[dict]) -> str:
         lines += [
             f"**{g.title}** — score: {g.score_name}; IQM of scores normalised between "
             f"`{BASELINE}` (0) and the dense network (1), and P(run beats `{REFERENCE}`), "
-            "95 % stratified-bootstrap intervals (`benchmarks/LEADERBOARD.md`):",
+            "95 % stratified-bootstrap intervals (`benchmarks/LEADERBOARD.md`)"
+            + (f". {g.completeness()}" if g.completeness() else ":"),
             "",
             f"| agent | IQM [95 % CI] | P(beats {REFERENCE}) [95 % CI] |",
             "|---|---:|---:|",

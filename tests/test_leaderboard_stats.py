@@ -168,3 +168,38 @@ def test_a_partial_track_says_how_much_of_it_is_in():
     # a custom protocol's extent is its runner's: nothing is said missing
     custom = [dict(r, track="custom") for r in rows]
     assert report.groups(custom)[0].missing() == []
+
+
+def test_the_main_agents_standing_names_the_agents_it_is_not_told_apart_from():
+    def entry(agent, iqm, p=None):
+        return {"agent": agent, "iqm": iqm, "p_improvement": p}
+
+    agg = [
+        entry("ppo_gnn", (0.47, 0.40, 0.51), (0.78, 0.55, 0.95)),
+        entry("ddpg_amc", (0.43, 0.37, 0.46), (0.64, 0.37, 0.88)),
+        entry("random_search", (0.30, 0.20, 0.39)),
+        entry("uniform", (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+    ]
+    text = report.standing(agg)
+    assert text.startswith("`ppo_gnn` ranks 1 of 4 by IQM (0.47 [0.40, 0.51])")
+    assert "overlaps those of `ddpg_amc`, so it is not told apart from it" in text
+    assert "`random_search`" not in text.split(";")[1]  # 0.39 < 0.40: told apart
+    assert text.endswith(
+        "P(a run beats `random_search`) 0.78 [0.55, 0.95], above one half with 95 % confidence."
+    )
+    # second place, overlapping two, and a probability interval across one half
+    agg2 = [
+        agg[1],
+        dict(agg[0], p_improvement=(0.6, 0.45, 0.8)),
+        dict(agg[2], iqm=(0.42, 0.38, 0.45)),
+    ]
+    text = report.standing(agg2)
+    assert text.startswith("`ppo_gnn` ranks 2 of 3") and "so it is not told apart from them" in text
+    assert text.endswith("not distinguishable from one half.")
+    assert report.standing(agg[1:]) == ""  # not in the aggregate: nothing to say
+    # the README block and the page say it
+    rows = _rows(
+        {("A@0.5", "uniform"): [0.6, 0.6], ("A@0.5", "ppo_gnn"): [0.7, 0.8]}, {"A@0.5": 1.0}
+    )
+    said = report.standing(report.aggregate(rows))
+    assert said and said in report.readme_block(rows) and said in report.render(rows)

@@ -28,6 +28,8 @@ BASELINE = "uniform"
 """The agent whose mean score is 0 on the normalised scale (the dense network is 1)."""
 REFERENCE = "random_search"
 """The agent every other agent's probability of improvement is measured against."""
+MAIN_AGENT = "ppo_gnn"
+"""The project's main agent (``make run``): the README says where it stands."""
 
 _TRACK_ORDER = list(TRACKS) + ["custom"]
 
@@ -224,6 +226,38 @@ def aggregate(rows: list[dict], baseline: str = BASELINE, reference: str = REFER
     return out
 
 
+def standing(agg: list[dict], agent: str = MAIN_AGENT) -> str:
+    """One sentence on where ``agent`` stands in an :func:`aggregate`: its rank by IQM, the
+    agents whose IQM intervals overlap its own (not told apart from it), and whether its
+    probability of beating the reference is above or below one half with 95 % confidence.
+    "" when the agent is not in the aggregate."""
+    mine = next((e for e in agg if e["agent"] == agent), None)
+    if mine is None:
+        return ""
+    rank = agg.index(mine) + 1
+    _, lo, hi = mine["iqm"]
+    overlap = [
+        f"`{e['agent']}`" for e in agg if e is not mine and e["iqm"][1] <= hi and lo <= e["iqm"][2]
+    ]
+    text = f"`{agent}` ranks {rank} of {len(agg)} by IQM ({_ci(mine['iqm'], 1.0)}); " + (
+        f"its interval overlaps those of {', '.join(overlap)}, so it is not told apart from "
+        + ("them" if len(overlap) > 1 else "it")
+        if overlap
+        else "its interval overlaps no other agent's"
+    )
+    p = mine["p_improvement"]
+    if p is not None:
+        verdict = (
+            "above one half with 95 % confidence"
+            if p[1] > 0.5
+            else "below one half with 95 % confidence"
+            if p[2] < 0.5
+            else "not distinguishable from one half"
+        )
+        text += f"; P(a run beats `{REFERENCE}`) {_ci(p, 1.0)}, {verdict}"
+    return text + "."
+
+
 # ------------------------------------------------------------------------------ render
 def _num(x: float, digits: int) -> str:
     text = f"{x:.{digits}f}"
@@ -300,6 +334,8 @@ def _render_group(g: Group, plots_dir, output) -> list[str]:
                 f"| {e['agent']} | {_ci(e['iqm'], 1.0)} | {_num(e['mean'], 2)} | {p} | {e['runs']} |"
             )
         lines.append("")
+        if standing(agg):
+            lines += [standing(agg), ""]
     if plots_dir is not None:
         folder = Path(plots_dir) / g.slug
         base = Path(output).parent if output is not None else Path(".")
@@ -353,6 +389,8 @@ def readme_block(rows: list[dict]) -> str:
             p = "–" if e["p_improvement"] is None else _ci(e["p_improvement"], 1.0)
             lines.append(f"| {e['agent']} | {_ci(e['iqm'], 1.0)} | {p} |")
         lines.append("")
+        if standing(agg):
+            lines += [standing(agg), ""]
     return "\n".join(lines) if lines else "No leaderboard rows yet."
 
 

@@ -196,6 +196,9 @@ def test_the_main_agents_standing_names_the_agents_it_is_not_told_apart_from():
     text = report.standing(agg2)
     assert text.startswith("`ppo_gnn` ranks 2 of 3") and "so it is not told apart from them" in text
     assert text.endswith("not distinguishable from one half.")
+    # the words follow the printed figures: a lower edge printed as 0.50 is not "above"
+    edge = report.standing([dict(agg[0], p_improvement=(0.67, 0.5004, 0.82))])
+    assert edge.endswith("0.67 [0.50, 0.82], not distinguishable from one half.")
     assert report.standing(agg[1:]) == ""  # not in the aggregate: nothing to say
     # the README block and the page say it
     rows = _rows(

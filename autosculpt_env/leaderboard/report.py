@@ -247,11 +247,12 @@ def standing(agg: list[dict], agent: str = MAIN_AGENT) -> str:
     )
     p = mine["p_improvement"]
     if p is not None:
+        low, high = round(p[1], 2), round(p[2], 2)  # as printed: the words match the figures
         verdict = (
             "above one half with 95 % confidence"
-            if p[1] > 0.5
+            if low > 0.5
             else "below one half with 95 % confidence"
-            if p[2] < 0.5
+            if high < 0.5
             else "not distinguishable from one half"
         )
         text += f"; P(a run beats `{REFERENCE}`) {_ci(p, 1.0)}, {verdict}"

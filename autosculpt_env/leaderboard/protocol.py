@@ -18,8 +18,10 @@ The two tracks (:data:`TRACKS`) are fixed protocols:
   reward evaluations a CPU affords (25) and 5 seeds; the best policy is fine-tuned with the
   fixed recipe and scored by top-1 test accuracy, as in the first leaderboard.
 
-Each is sized to regenerate on 2 CPU cores in 2 to 3 hours (``--jobs 2``; resumable, so it
-may run in parts): see ``docs/SUBMITTING.md`` for the arithmetic. ``fast-large`` and
+Both resume, so they may run in parts; what each costs on 2 CPU cores (``--jobs 2``;
+the fast track about 5 hours, measured on three tasks and estimated on two, over the 2
+it was sized for) is in
+``docs/SUBMITTING.md``. ``fast-large`` and
 ``full-large`` are the same protocols with 10x the reward evaluations and more seeds, for a
 GPU machine or a Ray cluster (``--backend ray``); their rows are a different protocol and
 never mix with the 2-core ones.

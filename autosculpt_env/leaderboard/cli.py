@@ -27,6 +27,7 @@ DEFAULT_PLOTS_DIR = "benchmarks/plots"
 FIRST_ROWS_DIR = "benchmarks/rows"
 """The first leaderboard's rows (schema 1), rendered beside the tracks."""
 DEFAULT_README = "README.md"
+_DEFAULT = "<default>"  # --readme not given: the README goes with the default --output
 README_BLOCK = "leaderboard"
 
 
@@ -41,6 +42,12 @@ def default_work_dir(track: str) -> str:
 def default_render_dirs() -> list[str]:
     """Every rows folder of the committed leaderboard: the tracks', then the first one's."""
     return [default_rows_dir(t) for t in TRACKS] + [FIRST_ROWS_DIR]
+
+
+def path_or_none(text: str) -> str | None:
+    """An output file option's value: a path, or ``None`` (any case) for no such file, the
+    spelling ``benchmarks/reward_fidelity.py`` takes too."""
+    return None if text.strip().lower() == "none" else text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,8 +128,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="agents' run folders, fine-tuned networks (default benchmarks/tracks/TRACK/runs)",
     )
-    out.add_argument("--output", default=DEFAULT_OUTPUT, help="markdown table to write")
-    out.add_argument("--plots-dir", default=DEFAULT_PLOTS_DIR, help="folder of the plots")
+    out.add_argument(
+        "--output",
+        type=path_or_none,
+        default=DEFAULT_OUTPUT,
+        help="markdown table to write (None: no table)",
+    )
+    out.add_argument(
+        "--plots-dir",
+        type=path_or_none,
+        default=DEFAULT_PLOTS_DIR,
+        help="folder of the plots (None: no plots)",
+    )
     out.add_argument(
         "--render-from",
         nargs="+",
@@ -132,9 +149,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     out.add_argument(
         "--readme",
-        default=None,
+        type=path_or_none,
+        default=_DEFAULT,
         help=f"markdown file whose '{README_BLOCK}' block gets the standings (default: "
-        f"{DEFAULT_README} when --output is the default)",
+        f"{DEFAULT_README} when --output is the default; None: no README)",
     )
     out.add_argument("--only-render", action="store_true", help="run nothing; render the rows")
     out.add_argument("--validate", action="store_true", help="replay every row before rendering")
@@ -164,7 +182,7 @@ def command(
     output: str | None = DEFAULT_OUTPUT,
     plots_dir: str | None = DEFAULT_PLOTS_DIR,
     render_from: Sequence[str] | None = None,
-    readme: str | None = None,
+    readme: str | None = _DEFAULT,
     only_render: bool = False,
     validate: bool = False,
     progress: bool = True,
@@ -193,6 +211,20 @@ def command(
         score=score,
         gpus=gpus_per_run,
     )
+    if readme is _DEFAULT:  # the repository's README goes with the repository's table
+        readme = (
+            DEFAULT_README
+            if output is not None
+            and Path(output) == Path(DEFAULT_OUTPUT)
+            and Path(DEFAULT_README).exists()
+            else None
+        )
+    elif readme is not None and not Path(readme).is_file():
+        # refused before any run: a sweep of hours must not end on a misspelt file name
+        raise ValueError(
+            f"--readme {readme}: no such file; name an existing markdown file, or None for no "
+            "README"
+        )
     code = 0
     if output is not None:
         check_writable(Path(output).parent, "output folder", "--output")
@@ -235,12 +267,6 @@ def command(
     if output is not None:
         Path(output).write_text(render(rows, plots_dir, output) + "\n")
         print(f"wrote {output} ({len(rows)} rows)")
-        if (
-            readme is None
-            and Path(output) == Path(DEFAULT_OUTPUT)
-            and Path(DEFAULT_README).exists()
-        ):
-            readme = DEFAULT_README
     if readme is not None:
         from ..readme_blocks import update_block
 

@@ -46,6 +46,7 @@ plus :class:`PatternConv2d`); it exports to ONNX with :func:`export_onnx`.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -397,8 +398,13 @@ def _cut_channels(
     mask_model = copy.deepcopy(model)
     for name, m in masks.items():
         mask_model.get_submodule(name).weight.data = m.to(torch.float32)
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    dg_mask = tp.DependencyGraph().build_dependency(mask_model, example_inputs=example)
+    with warnings.catch_warnings():
+        # a ViT's cls_token and pos_embed belong to no layer; Torch-Pruning then cuts their
+        # last dimension (the embedding's), which is what a cut of the residual stream needs,
+        # and says so at every build: keep its other warnings (unknown operations), not this
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        dg_mask = tp.DependencyGraph().build_dependency(mask_model, example_inputs=example)
     for members in graph.groups:
         if any(graph.layer_kind(n) == "attention" for n in members):
             continue

@@ -605,12 +605,13 @@ def candidate_spec(mode: str, settings: dict) -> str:
     defaults appear, sorted): the inverse of :func:`parse_candidate`."""
     from .evaluation import SAMPLE_SETTINGS
 
-    # None means an image count's default: compare counts, not spellings
-    defaults = {
-        k: SAMPLE_SETTINGS[k][1] if v is None and k in SAMPLE_SETTINGS else v
-        for k, v in mode_settings(mode).items()
+    defaults = mode_settings(mode)
+    # an image count given as None is its default: compare counts, not spellings
+    changed = {
+        k: v
+        for k, v in settings.items()
+        if k in defaults and not (v is None and k in SAMPLE_SETTINGS) and v != defaults[k]
     }
-    changed = {k: v for k, v in settings.items() if k in defaults and v != defaults[k]}
     if not changed:
         return mode
     return f"{mode}[{','.join(f'{k}={changed[k]}' for k in sorted(changed))}]"

@@ -141,13 +141,12 @@ def _seed_agreement(name: str, scorer, key: dict, collection, args: Args) -> dic
         print(f"{name}: reward seed agreement scored, {time.perf_counter() - t0:.0f} s")
     out = {}  # the store read itself when opened, and holds what rescore added
     for j, sampler in enumerate(collection.samplers):
-        idx = [
-            i
-            for i in np.flatnonzero(collection.sampler == j)
-            if store.get(collection.policies[i]) is not None
-        ]
-        again = [store.get(collection.policies[i]) for i in idx]
-        out[sampler] = (surrogate.spearman(collection.accuracy[idx], np.asarray(again)), len(idx))
+        stored = {
+            i: store.get(collection.policies[i]) for i in np.flatnonzero(collection.sampler == j)
+        }
+        idx = [i for i, value in stored.items() if value is not None]
+        again = np.asarray([stored[i] for i in idx])
+        out[sampler] = (surrogate.spearman(collection.accuracy[idx], again), len(idx))
     return out
 
 

@@ -91,6 +91,10 @@ def test_a_candidate_means_one_reward_on_every_task_and_the_default_names_its_se
     assert fidelity.candidate_kwargs(fidelity.default_mode(own))["recovery_samples"] == 64
     # spelled with the defaults' values, a candidate is the plain mode
     assert fidelity.candidate_spec("recovery", {"recovery_batch_size": 16}) == "recovery"
+    assert fidelity.candidate_spec("recovery", {"recovery_samples": None}) == "recovery"
+    assert fidelity.candidate_spec("recovery", {"recovery_samples": 64}) == (
+        "recovery[recovery_samples=64]"
+    )
     env = fidelity.make_candidate_env(own, "recovery")
     assert env.unwrapped.env_kwargs["recovery_batch_size"] == RECOVERY_BATCH_SIZE
     env.close()

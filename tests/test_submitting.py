@@ -46,6 +46,11 @@ def test_example_agent_on_both_tracks(track, options, tmp_path, monkeypatch):
         assert row["record"]["env_kwargs"]["evaluation"] == lb.FAST.evaluation
         assert row["test_accuracy"] is None and row["finetune_recipe"] is None
         assert len(row["search_reward"]["sha256"]) == 64  # the surrogate the search saw
+        # the dense reference is the one that surrogate stores (the same on every machine),
+        # and a row claiming another is refused
+        assert row["dense_score"] == row["dense_reward_accuracy"]
+        forged = dict(row, dense_score=row["dense_score"] - 0.01)
+        assert any(e.startswith("dense_score") for e in lb.validate([forged])[0]["errors"])
     else:
         assert row["score"] == row["test_accuracy"] and row["search_reward"] is None
     assert [v["errors"] for v in lb.validate([row])] == [[]]

@@ -116,7 +116,8 @@ ROW_FIELDS: dict[str, tuple[str, ...]] = {
 ``search_reward`` names the fitted model that gave the search its rewards (the ``proxy``
 evaluation: the mode it stands for and its surrogate file's sha256; ``null`` for measured
 rewards). ``score`` is the track's score (test accuracy after fine-tuning, or the fast
-track's high-fidelity reward), ``dense_score`` the dense network's under the same measurement;
+track's high-fidelity reward), ``dense_score`` the dense network's under the same measurement
+(on the fast track, as the surrogate the search saw stores it: :func:`.run.score_reward`);
 ``test_accuracy``, ``test_accuracy_before_finetune``, ``dense_test_accuracy`` and the
 fine-tuning fields are ``null`` on a track that does not fine-tune."""
 

@@ -392,7 +392,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from . import leaderboard as lb
 
-    torch.set_num_threads(args.threads)
     try:
         rows = lb.load_rows(args.rows)
     except (ValueError, FileNotFoundError) as e:
@@ -401,7 +400,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if not rows:
         print("autosculpt validate: no rows found", file=sys.stderr)
         return 1
-    results = lb.validate(rows, accuracy_tolerance=args.tolerance, full=args.full)
+    made_with = {r["protocol"].get("threads") for r in rows if isinstance(r.get("protocol"), dict)}
+    if args.threads is not None and made_with - {args.threads}:
+        print(
+            f"autosculpt validate: warning: replaying with --threads {args.threads}, but rows "
+            f"were made with {sorted(made_with, key=str)} thread(s); a correct row can fail a "
+            "replay with other threads (docs/CHECKS.md). Leave --threads out to use each "
+            "row's own.",
+            file=sys.stderr,
+        )
+    results = lb.validate(
+        rows, accuracy_tolerance=args.tolerance, full=args.full, threads=args.threads
+    )
     for r in results:
         print(
             f"{'OK  ' if r['ok'] else 'FAIL'} {r['row_id']}"
@@ -506,7 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     va.add_argument("rows", nargs="+", help="rows folders and/or row files")
     _tolerance_option(va)
-    _threads_option(va)
+    va.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads of the replay (default: each row's own, its protocol.threads)",
+    )
     va.add_argument(
         "--full",
         action="store_true",

@@ -142,6 +142,38 @@ def test_all_rows_validate_by_replay(board):
     assert all(v["ok"] for v in results), results
 
 
+def test_validate_replays_each_row_with_its_own_threads(board, monkeypatch):
+    """A row is replayed with its protocol's threads (a replay with others can fail a
+    correct row), unless the caller overrides them; the caller's threads come back."""
+    from autosculpt_env.leaderboard import rows as rows_module
+
+    seen = []
+
+    def spy(record, **kw):
+        seen.append(torch.get_num_threads())
+        return real(record, **kw)
+
+    real = rows_module.replay
+    monkeypatch.setattr(rows_module, "replay", spy)
+    one = next(r for r in board["rows"] if r["agent"] == "uniform")
+    two = json.loads(json.dumps(one))
+    two["protocol"]["threads"] = 2  # not in the protocol key: still the same protocol
+    before = torch.get_num_threads()
+    results = lb.validate([one, two])
+    assert seen == [1, 2] and [v["errors"] for v in results] == [[], []]
+    assert lb.validate([two], threads=1)[0]["ok"] and seen[2:] == [1]
+    assert torch.get_num_threads() == before
+
+
+def test_validate_command_warns_when_threads_override_the_rows(board, capsys):
+    path = board["paths"]["rows_dir"] / f"{TASK}__uniform__seed1.json"
+    assert cli.main(["validate", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert cli.main(["validate", "--threads", "2", str(path)]) == 0  # digits: still within
+    err = capsys.readouterr().err
+    assert "--threads 2" in err and "made with [1] thread(s)" in err
+
+
 def test_render_and_plot(board, tmp_path):
     md = lb.render(board["rows"])
     assert f"### {TASK}" in md and "## Track `custom`" in md

@@ -471,9 +471,17 @@ def _forget_memo(record: EpisodeRecord) -> None:
 
 
 def validate(
-    rows: Iterable[dict], accuracy_tolerance: float = 1e-3, full: bool = False
+    rows: Iterable[dict],
+    accuracy_tolerance: float = 1e-3,
+    full: bool = False,
+    threads: int | None = None,
 ) -> list[dict]:
     """Check every row and replay its record.
+
+    Each row is replayed with the torch CPU threads it was made with (its
+    ``protocol.threads``) unless ``threads`` overrides them: a reduction summed in another
+    order can move a pruned network's accuracy by points (docs/CHECKS.md), so a replay with
+    other threads can fail a correct row. The caller's thread count is restored afterwards.
 
     Always (cheap, a few reward evaluations per row): the row's schema; every summary field
     against its record, its protocol and itself (:func:`check_row`); the record replayed in
@@ -489,16 +497,22 @@ def validate(
     Returns:
         One ``{"row_id", "ok", "errors"}`` per row.
     """
+    import torch
+
     results = []
+    caller_threads = torch.get_num_threads()
     for row in rows:
         errors, record = check_row(row)
         if record is not None and not errors:
+            torch.set_num_threads(threads or Protocol.from_dict(row["protocol"]).threads)
             try:
                 _forget_memo(record)
                 replay(record, accuracy_tolerance=accuracy_tolerance)
                 errors += _rederive(row, record, accuracy_tolerance, full)
             except (ValueError, KeyError, TypeError, RuntimeError) as e:
                 errors.append(f"{type(e).__name__}: {e}")
+            finally:
+                torch.set_num_threads(caller_threads)
         rid = row.get("row_id", "?") if isinstance(row, dict) else "?"
         results.append({"row_id": str(rid), "ok": not errors, "errors": errors})
     return results

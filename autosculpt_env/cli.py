@@ -409,14 +409,21 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             "row's own.",
             file=sys.stderr,
         )
-    results = lb.validate(
-        rows, accuracy_tolerance=args.tolerance, full=args.full, threads=args.threads
-    )
-    for r in results:
+
+    def report(r: dict) -> None:
         print(
             f"{'OK  ' if r['ok'] else 'FAIL'} {r['row_id']}"
-            + ("" if r["ok"] else ": " + "; ".join(r["errors"]))
+            + ("" if r["ok"] else ": " + "; ".join(r["errors"])),
+            flush=True,
         )
+
+    results = lb.validate(
+        rows,
+        accuracy_tolerance=args.tolerance,
+        full=args.full,
+        threads=args.threads,
+        on_row=report,
+    )
     bad = sum(not r["ok"] for r in results)
     print(f"{len(results) - bad}/{len(results)} rows validate")
     return 1 if bad else 0

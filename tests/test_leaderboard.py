@@ -147,10 +147,10 @@ def test_validate_replays_each_row_with_its_own_threads(board, monkeypatch):
     correct row), unless the caller overrides them; the caller's threads come back."""
     from autosculpt_env.leaderboard import rows as rows_module
 
-    seen = []
+    seen, reported = [], []
 
     def spy(record, **kw):
-        seen.append(torch.get_num_threads())
+        seen.append((torch.get_num_threads(), len(reported)))
         return real(record, **kw)
 
     real = rows_module.replay
@@ -159,16 +159,20 @@ def test_validate_replays_each_row_with_its_own_threads(board, monkeypatch):
     two = json.loads(json.dumps(one))
     two["protocol"]["threads"] = 2  # not in the protocol key: still the same protocol
     before = torch.get_num_threads()
-    results = lb.validate([one, two])
-    assert seen == [1, 2] and [v["errors"] for v in results] == [[], []]
-    assert lb.validate([two], threads=1)[0]["ok"] and seen[2:] == [1]
+    results = lb.validate([one, two], on_row=reported.append)
+    # each row's result is reported before the next row is replayed
+    assert seen == [(1, 0), (2, 1)] and reported == results
+    assert [v["errors"] for v in results] == [[], []]
+    assert lb.validate([two], threads=1)[0]["ok"] and seen[2][0] == 1
     assert torch.get_num_threads() == before
 
 
 def test_validate_command_warns_when_threads_override_the_rows(board, capsys):
     path = board["paths"]["rows_dir"] / f"{TASK}__uniform__seed1.json"
     assert cli.main(["validate", str(path)]) == 0
-    assert "warning" not in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "warning" not in out.err
+    assert out.out.splitlines() == [f"OK   {TASK}__uniform__seed1", "1/1 rows validate"]
     assert cli.main(["validate", "--threads", "2", str(path)]) == 0  # digits: still within
     err = capsys.readouterr().err
     assert "--threads 2" in err and "made with [1] thread(s)" in err

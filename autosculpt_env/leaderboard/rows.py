@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .. import data
@@ -475,6 +475,7 @@ def validate(
     accuracy_tolerance: float = 1e-3,
     full: bool = False,
     threads: int | None = None,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Check every row and replay its record.
 
@@ -495,7 +496,8 @@ def validate(
     Fashion-MNIST), each within ``accuracy_tolerance``.
 
     Returns:
-        One ``{"row_id", "ok", "errors"}`` per row.
+        One ``{"row_id", "ok", "errors"}`` per row; each is also passed to ``on_row`` as
+        soon as it is known (a command prints it: a track's rows take minutes to replay).
     """
     import torch
 
@@ -515,6 +517,8 @@ def validate(
                 torch.set_num_threads(caller_threads)
         rid = row.get("row_id", "?") if isinstance(row, dict) else "?"
         results.append({"row_id": str(rid), "ok": not errors, "errors": errors})
+        if on_row is not None:
+            on_row(results[-1])
     return results
 
 

@@ -90,3 +90,22 @@ def test_killed_ray_sweep_resumes_with_no_row_lost_or_duplicated(cluster, tmp_pa
     )
     rows = lb.load_rows(paths["rows_dir"])
     assert all(lb.check_row(r)[0] == [] for r in rows)
+
+
+def test_ray_sweep_with_a_time_budget_starts_only_what_the_cluster_runs_at_once(cluster, tmp_path):
+    protocol = lb.make_protocol(seeds=[1, 2, 3], **OPTIONS)
+    result = lb.run_all(
+        protocol,
+        [TASK],
+        ["uniform"],
+        tmp_path / "rows",
+        tmp_path / "runs",
+        progress=False,
+        backend="ray",
+        time_budget=0.5,
+    )
+    # two CPUs, one thread a run: two rows start at once and finish; the third waits for a
+    # budget already spent, and is left for the next sitting
+    ids = [lb.row_id(TASK, "uniform", s) for s in (1, 2, 3)]
+    assert sorted(result["done"]) == ids[:2] and result["left"] == ids[2:], result
+    assert sorted(r["row_id"] for r in lb.load_rows(tmp_path / "rows")) == ids[:2]

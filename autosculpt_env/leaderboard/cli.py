@@ -53,7 +53,7 @@ def path_or_none(text: str) -> str | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The leaderboard's options (every default of a track comes from its protocol)."""
     from ..evaluation import EVALUATIONS
-    from .sweep import BACKENDS
+    from .sweep import BACKENDS, parse_duration
 
     tracks = ", ".join(
         f"{n}: {t.max_reward_evaluations} evaluations x {len(t.seeds)} seeds"
@@ -113,6 +113,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--address", default=None, help="Ray cluster to join (auto, HOST:PORT, ray://HOST:10001)"
     )
     run.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs each Ray task asks for")
+    run.add_argument(
+        "--time-budget",
+        type=parse_duration,
+        default=None,
+        help="start no row after this long (3600, 90m, 2h; counted from the first row); "
+        "running rows finish and the same command continues the sweep",
+    )
     run.add_argument(
         "--agent-timeout",
         type=float,
@@ -177,6 +184,7 @@ def command(
     address: str | None = None,
     gpus_per_run: float = 0.0,
     agent_timeout: float | None = None,
+    time_budget: float | None = None,
     rows_dir: str | None = None,
     work_dir: str | None = None,
     output: str | None = DEFAULT_OUTPUT,
@@ -247,7 +255,14 @@ def command(
             backend=backend,
             address=address,
             agents_dirs=tuple(agents_dir),
+            time_budget=time_budget,
         )
+        if result["left"]:
+            print(
+                f"time budget of {time_budget:g} s spent: {len(result['left'])} rows not "
+                "started; run the same command again to continue",
+                file=sys.stderr,
+            )
         if result["failed"]:
             code = 1
             print(f"{len(result['failed'])} runs failed (no row written):", file=sys.stderr)

@@ -111,6 +111,9 @@ class Search:
     progress: list[list[float]]
     """the env's best in-band reward against its count (from its ledger)"""
     seconds: float
+    checkout: tuple[str | None, bool | None] = (None, None)
+    """``(commit, dirty)`` of the checkout when the agent started (:func:`git_commit`): the
+    code the agent ran, whatever is committed while a long sweep goes on"""
 
 
 def search(
@@ -144,6 +147,7 @@ def search(
     }
     log = run_dir / "agent.log"
     what = f"{program.name} on {task.name} seed {seed}"
+    checkout = git_commit()
     t0 = time.perf_counter()
     try:
         with open(log, "w") as f:
@@ -179,7 +183,7 @@ def search(
             f"{what}: the env's limit was {state.get('limit')} reward evaluations, not the "
             f"protocol's {protocol.max_reward_evaluations}"
         )
-    return Search(cmd, run_dir, record, int(state["used"]), state["progress"], seconds)
+    return Search(cmd, run_dir, record, int(state["used"]), state["progress"], seconds, checkout)
 
 
 def check_search(result: Search, task: Task, protocol: Protocol) -> list[str]:
@@ -407,7 +411,7 @@ def make_row(
     from .protocol import track_of
 
     record, m, kw = found.record, found.record.metrics, found.record.env_kwargs
-    commit, dirty = git_commit()
+    commit, dirty = found.checkout
     return {
         "schema": ROW_SCHEMA,
         "row_id": row_id(task, program.name, seed),

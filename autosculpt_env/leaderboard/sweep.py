@@ -14,7 +14,11 @@ Both backends give the same guarantees:
   sweep; a second runner stops with a clear error instead of computing every row twice;
 * **runs die with their runner**: agents get ``PR_SET_PDEATHSIG``; a local pool's workers
   too; a local Ray instance started by the sweep shares the runner's fate, and a cluster
-  ends the tasks of a driver that went away.
+  ends the tasks of a driver that went away;
+* **runs in parts**: with a time budget (``time_budget``, ``--time-budget 2h``) no row starts
+  once the budget is spent, counted from the first row's start; the rows running then
+  finish and are written, so a sitting ends without losing work, and the same command
+  continues the sweep.
 
 ``backend="ray"`` submits each (task, agent, seed) as one Ray task asking for
 ``protocol.threads`` CPUs (and ``protocol.gpus`` GPUs), to a running cluster (``address``,
@@ -118,6 +122,39 @@ def search_rewards(protocol: Protocol, tasks: Sequence[Task]) -> dict | None:
     return out
 
 
+class TimeBudget:
+    """Whether another row may start: always without a budget; with one, until ``seconds``
+    have passed since the first row started (rows already running always finish)."""
+
+    def __init__(self, seconds: float | None = None):
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"a time budget must be a positive number of seconds, got {seconds}")
+        self.seconds, self.start = seconds, None
+
+    def admits(self) -> bool:
+        now = time.monotonic()
+        if self.start is None:
+            self.start = now
+        return self.seconds is None or now - self.start < self.seconds
+
+
+def parse_duration(text: str) -> float:
+    """argparse type: seconds from ``"90"``, ``"90s"``, ``"45m"`` or ``"2h"`` (> 0)."""
+    import argparse
+
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 3600, 90m or 2h, got {text!r}"
+        )
+    return seconds
+
+
 def run_and_write(job: tuple) -> tuple[str, str | None, float, bool]:
     """One row, run and written: ``(row id, error or None, seconds, written)``. Never
     raises: one broken run must not stop the sweep. The unit of work of every backend.
@@ -150,6 +187,7 @@ def run_all(
     backend: str = "local",
     address: str | None = None,
     agents_dirs: Sequence[str] = (),
+    time_budget: float | None = None,
 ) -> dict:
     """Run every missing (task, agent, seed) row; resumable.
 
@@ -164,12 +202,16 @@ def run_all(
         address: the Ray cluster to join (``None``: start a local instance, or use the one
             this process already joined).
         agents_dirs: extra folders searched for agent scripts.
+        time_budget: seconds after the first row's start past which no row starts (those
+            running finish); ``None``: run every row.
 
     Returns:
-        ``{"done": [...], "skipped": [...], "failed": {row id: error}}``.
+        ``{"done": [...], "skipped": [...], "failed": {row id: error}, "left": [...]}``;
+        ``left``: the rows not started because the time budget was spent.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    budget = TimeBudget(time_budget)  # refused before any folder is made
     from .cli import default_rows_dir, default_work_dir
 
     track = protocol.name or "custom"
@@ -200,13 +242,13 @@ def run_all(
                             (task, agent, seed, protocol, workdir, rows_dir, tuple(agents_dirs))
                         )
         run = _run_ray if backend == "ray" else _run_local
-        return run(todo, skipped, rows_dir, jobs, progress, address)
+        return run(todo, skipped, rows_dir, jobs, progress, address, budget)
 
 
 def _reporter(todo, skipped, rows_dir, progress):
     from tqdm.auto import tqdm
 
-    result = {"done": [], "skipped": skipped, "failed": {}}
+    result = {"done": [], "skipped": skipped, "failed": {}, "left": []}
     bar = tqdm(total=len(todo), disable=not progress, unit="run", dynamic_ncols=True)
     if skipped:
         bar.write(f"resuming: {len(skipped)} rows exist in {rows_dir}, {len(todo)} to run")
@@ -226,29 +268,39 @@ def _reporter(todo, skipped, rows_dir, progress):
     return result, bar, report
 
 
-def _run_local(todo, skipped, rows_dir, jobs, progress, address) -> dict:
+def _run_local(todo, skipped, rows_dir, jobs, progress, address, budget) -> dict:
     if address is not None:
         raise ValueError("--address is for --backend ray; the local backend runs here")
     result, bar, report = _reporter(todo, skipped, rows_dir, progress)
+    queue = list(reversed(todo))  # popped from the end: the listed order
     if jobs <= 1:
-        for job in todo:
+        while queue and budget.admits():
+            job = queue.pop()
             bar.set_postfix_str(row_id(*job[:3]))
             report(*run_and_write(job))
     else:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
             max_workers=jobs, mp_context=ctx, initializer=die_with_parent
         ) as pool:
-            for fut in as_completed([pool.submit(run_and_write, job) for job in todo]):
-                report(*fut.result())
+            running = set()
+            while True:
+                while queue and len(running) < jobs and budget.admits():
+                    running.add(pool.submit(run_and_write, queue.pop()))
+                if not running:
+                    break
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    report(*fut.result())
+    result["left"] = [row_id(*job[:3]) for job in reversed(queue)]
     bar.close()
     return result
 
 
-def _run_ray(todo, skipped, rows_dir, jobs, progress, address) -> dict:
+def _run_ray(todo, skipped, rows_dir, jobs, progress, address, budget) -> dict:
     try:
         import ray
     except ImportError:
@@ -261,19 +313,29 @@ def _run_ray(todo, skipped, rows_dir, jobs, progress, address) -> dict:
             options["num_cpus"] = max(1, jobs * (todo[0][3].threads if todo else 1))
         ray.init(address=address, **options)
     result, bar, report = _reporter(todo, skipped, rows_dir, progress)
-    pending = {}
-    for job in todo:
-        protocol = job[3]
-        task = ray.remote(run_and_write).options(
-            num_cpus=protocol.threads, num_gpus=protocol.gpus, max_retries=0
-        )
-        pending[task.remote(job)] = row_id(*job[:3])
-    while pending:
+    # without a budget every row is submitted at once (an autoscaling cluster sees them all);
+    # with one, only as many as the cluster runs at a time, so the rest can still be held back
+    window = len(todo)
+    if budget.seconds is not None and todo:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        window = max(1, int(cpus // max(1, todo[0][3].threads)))
+    queue, pending = list(reversed(todo)), {}
+    while True:
+        while queue and len(pending) < window and budget.admits():
+            job = queue.pop()
+            protocol = job[3]
+            task = ray.remote(run_and_write).options(
+                num_cpus=protocol.threads, num_gpus=protocol.gpus, max_retries=0
+            )
+            pending[task.remote(job)] = row_id(*job[:3])
+        if not pending:
+            break
         ready, _ = ray.wait(list(pending), num_returns=1)
         rid = pending.pop(ready[0])
         try:
             report(*ray.get(ready[0]))
         except Exception as e:  # the worker died (killed, out of memory ...)
             report(rid, f"{type(e).__name__}: {e}", 0.0, False)
+    result["left"] = [row_id(*job[:3]) for job in reversed(queue)]
     bar.close()
     return result

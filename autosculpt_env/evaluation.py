@@ -86,8 +86,9 @@ otherwise (a zoo model may set its own: ``zoo.ZooModel.env_defaults``); the whol
 holds fewer. On the fidelity benchmark's competitive policies, 1,024 images at batch 16
 ranked like the fine-tuned score as well as 2,048 or better on the CNN tasks (Spearman 0.70
 / 0.48 / 0.89 / 0.71 against 0.57 / 0.44 / 0.90 / 0.66 on ResNet@0.5, VGG, MobileNet,
-ResNet@0.7) at about two thirds of the cost; the ViT needs more (see
-:data:`RECOVERY_BATCH_SIZE`)."""
+ResNet@0.7; MobileNet's on the 14 policies that had ground truth then: on all 34 the
+default scores 0.52, the 2,048-image variant is not measured there) at about two thirds of
+the cost; the ViT needs more (see :data:`RECOVERY_BATCH_SIZE`)."""
 
 BN_RECALIBRATION_SAMPLES = 1024
 """Training images whose statistics the batch norms are re-estimated on before scoring

@@ -268,34 +268,50 @@ def _reporter(todo, skipped, rows_dir, progress):
     return result, bar, report
 
 
+def _schedule(todo, window, budget, submit, next_done, report) -> list[str]:
+    """Keep up to ``window`` rows running, started in the listed order while ``budget``
+    admits them, and report each as it ends. ``submit(job)`` starts a row and returns its
+    handle; ``next_done(running)`` waits for one, removes it from ``running`` (handle: row
+    id) and returns its outcome. Returns the ids of the rows not started."""
+    queue, running = list(reversed(todo)), {}  # popped from the end: the listed order
+    while True:
+        while queue and len(running) < window and budget.admits():
+            job = queue.pop()
+            running[submit(job)] = row_id(*job[:3])
+        if not running:
+            return [row_id(*job[:3]) for job in reversed(queue)]
+        report(*next_done(running))
+
+
 def _run_local(todo, skipped, rows_dir, jobs, progress, address, budget) -> dict:
     if address is not None:
         raise ValueError("--address is for --backend ray; the local backend runs here")
     result, bar, report = _reporter(todo, skipped, rows_dir, progress)
-    queue = list(reversed(todo))  # popped from the end: the listed order
-    if jobs <= 1:
-        while queue and budget.admits():
-            job = queue.pop()
+    if jobs <= 1:  # in this process, one row at a time: the handle is the row's outcome
+
+        def run_here(job):
             bar.set_postfix_str(row_id(*job[:3]))
-            report(*run_and_write(job))
+            return run_and_write(job)
+
+        result["left"] = _schedule(
+            todo, 1, budget, run_here, lambda running: running.popitem()[0], report
+        )
     else:
         import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        def next_done(running):
+            fut = next(as_completed(running))
+            del running[fut]
+            return fut.result()
 
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
             max_workers=jobs, mp_context=ctx, initializer=die_with_parent
         ) as pool:
-            running = set()
-            while True:
-                while queue and len(running) < jobs and budget.admits():
-                    running.add(pool.submit(run_and_write, queue.pop()))
-                if not running:
-                    break
-                finished, running = wait(running, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    report(*fut.result())
-    result["left"] = [row_id(*job[:3]) for job in reversed(queue)]
+            result["left"] = _schedule(
+                todo, jobs, budget, lambda job: pool.submit(run_and_write, job), next_done, report
+            )
     bar.close()
     return result
 
@@ -315,27 +331,26 @@ def _run_ray(todo, skipped, rows_dir, jobs, progress, address, budget) -> dict:
     result, bar, report = _reporter(todo, skipped, rows_dir, progress)
     # without a budget every row is submitted at once (an autoscaling cluster sees them all);
     # with one, only as many as the cluster runs at a time, so the rest can still be held back
-    window = len(todo)
+    window = max(1, len(todo))
     if budget.seconds is not None and todo:
         cpus = ray.cluster_resources().get("CPU", 1)
         window = max(1, int(cpus // max(1, todo[0][3].threads)))
-    queue, pending = list(reversed(todo)), {}
-    while True:
-        while queue and len(pending) < window and budget.admits():
-            job = queue.pop()
-            protocol = job[3]
-            task = ray.remote(run_and_write).options(
-                num_cpus=protocol.threads, num_gpus=protocol.gpus, max_retries=0
-            )
-            pending[task.remote(job)] = row_id(*job[:3])
-        if not pending:
-            break
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        rid = pending.pop(ready[0])
+
+    def submit(job):
+        protocol = job[3]
+        task = ray.remote(run_and_write).options(
+            num_cpus=protocol.threads, num_gpus=protocol.gpus, max_retries=0
+        )
+        return task.remote(job)
+
+    def next_done(running):
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        rid = running.pop(ref)
         try:
-            report(*ray.get(ready[0]))
+            return ray.get(ref)
         except Exception as e:  # the worker died (killed, out of memory ...)
-            report(rid, f"{type(e).__name__}: {e}", 0.0, False)
-    result["left"] = [row_id(*job[:3]) for job in reversed(queue)]
+            return rid, f"{type(e).__name__}: {e}", 0.0, False
+
+    result["left"] = _schedule(todo, window, budget, submit, next_done, report)
     bar.close()
     return result

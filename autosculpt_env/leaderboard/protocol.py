@@ -19,8 +19,8 @@ The two tracks (:data:`TRACKS`) are fixed protocols:
   fixed recipe and scored by top-1 test accuracy, as in the first leaderboard.
 
 Both resume, so they may run in parts; what each costs on 2 CPU cores (``--jobs 2``;
-the fast track about 5 hours and the full track about 4, each measured on three tasks and
-estimated on two, over the 2 they were sized for) is in ``docs/SUBMITTING.md``. ``fast-large`` and
+the fast track about 3.3 hours and the full track about 4, both measured from their 300
+and 150 rows, over the 2 they were sized for) is in ``docs/SUBMITTING.md``. ``fast-large`` and
 ``full-large`` are the same protocols with 10x the reward evaluations and more seeds, for a
 GPU machine or a Ray cluster (``--backend ray``); their rows are a different protocol and
 never mix with the 2-core ones.

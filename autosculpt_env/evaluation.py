@@ -83,11 +83,10 @@ holds fewer: the digits twins' holds 120)."""
 RECOVERY_SAMPLES = 1024
 """Training images of the ``recovery`` modes' short fine-tuning (one pass) unless told
 otherwise (a zoo model may set its own: ``zoo.ZooModel.env_defaults``); the whole split when it
-holds fewer. On the fidelity benchmark's 34 competitive policies per task, 1,024 images at
-batch 16 rank like the fine-tuned score better than 2,048 on ResNet@0.5, VGG and ResNet@0.7
-(Spearman 0.70 / 0.48 / 0.83 against 0.57 / 0.44 / 0.73) at about two thirds of the cost;
-on MobileNet worse (0.52 against 0.68 with 1,536 images and 0.74 with 2,048, but 2,048
-costs 5.3x a bare forward, past the 5x bound, and the intervals overlap: see the report).
+holds fewer. Chosen on the fidelity benchmark's competitive policies: on the CNN tasks
+1,024 images at batch 16 rank like the fine-tuned score about as well as 2,048 or better at
+about two thirds of the cost (MobileNet is the exception, within the intervals and at a cost
+past the 5x bound; the figures are in the reward-fidelity report, README "Reward fidelity").
 The ViT needs more (see :data:`RECOVERY_BATCH_SIZE`)."""
 
 BN_RECALIBRATION_SAMPLES = 1024

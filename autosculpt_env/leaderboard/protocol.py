@@ -18,9 +18,8 @@ The two tracks (:data:`TRACKS`) are fixed protocols:
   reward evaluations a CPU affords (25) and 5 seeds; the best policy is fine-tuned with the
   fixed recipe and scored by top-1 test accuracy, as in the first leaderboard.
 
-Both resume, so they may run in parts; what each costs on 2 CPU cores (``--jobs 2``;
-the fast track about 3.3 hours and the full track about 4, both measured from their 300
-and 150 rows, over the 2 they were sized for) is in ``docs/SUBMITTING.md``. ``fast-large`` and
+Both resume, so they may run in parts; what each costs on 2 CPU cores (``--jobs 2``),
+measured from its rows, is in ``docs/SUBMITTING.md``. ``fast-large`` and
 ``full-large`` are the same protocols with 10x the reward evaluations and more seeds, for a
 GPU machine or a Ray cluster (``--backend ray``); their rows are a different protocol and
 never mix with the 2-core ones.

@@ -73,11 +73,18 @@ class Design:
         samplers: names from :data:`SAMPLERS`.
         per_sampler: unique policies each sampler contributes.
         seed: base seed of every sampler.
+        also_targets: other FLOPs targets at which the same samplers draw too (all but
+            ``unconstrained``, whose policies are the same at every target), for training
+            only: the held-out figures rank the fit target's own policies, and a policy's
+            accuracy does not depend on the target, so a configuration's other targets add
+            training data where agents of those tasks search (the leaderboard's ResNet-20
+            at 50 % and 70 %).
     """
 
     samplers: tuple[str, ...] = SAMPLERS
     per_sampler: int = 60
     seed: int = 0
+    also_targets: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.samplers if s not in SAMPLERS]
@@ -87,15 +94,25 @@ class Design:
             raise ValueError(f"samplers are listed twice: {self.samplers}")
         if not isinstance(self.per_sampler, int) or self.per_sampler < 1:
             raise ValueError(f"per_sampler must be an integer >= 1, got {self.per_sampler!r}")
+        bad = [t for t in self.also_targets if not 0.0 < float(t) < 1.0]
+        if bad:
+            raise ValueError(f"also_targets must be FLOPs reductions in (0, 1), got {bad}")
+        if len(set(self.also_targets)) != len(self.also_targets):
+            raise ValueError(f"also_targets are listed twice: {self.also_targets}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["samplers"] = list(self.samplers)
+        # absent when empty: a design without it keeps the dict (and the digests) it had
+        d["also_targets"] = [float(t) for t in self.also_targets]
+        if not d["also_targets"]:
+            del d["also_targets"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Design:
-        return cls(tuple(d["samplers"]), int(d["per_sampler"]), int(d["seed"]))
+        also = tuple(float(t) for t in d.get("also_targets", ()))
+        return cls(tuple(d["samplers"]), int(d["per_sampler"]), int(d["seed"]), also)
 
 
 @dataclass
@@ -111,6 +128,9 @@ class Collection:
         sampler: int ``(N,)`` index into ``samplers``.
         samplers: sampler names.
         dense_accuracy: the dense policy's accuracy under the same mode.
+        counts: the fit target's own policies per sampler (computed).
+        training_only: bool ``(N,)``, the policies drawn at :attr:`Design.also_targets`
+            (default: none); they train the surrogate and are never held out.
     """
 
     policies: np.ndarray
@@ -119,9 +139,15 @@ class Collection:
     samplers: tuple[str, ...]
     dense_accuracy: float
     counts: dict[str, int] = field(default_factory=dict)
+    training_only: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.counts = {s: int((self.sampler == i).sum()) for i, s in enumerate(self.samplers)}
+        n = len(self.sampler)
+        if self.training_only is None:
+            self.training_only = np.zeros(n, dtype=bool)
+        self.training_only = np.asarray(self.training_only, dtype=bool).reshape(n)
+        own = self.sampler[~self.training_only]
+        self.counts = {s: int((own == i).sum()) for i, s in enumerate(self.samplers)}
 
 
 # ------------------------------------------------------------------------------ store
@@ -428,15 +454,26 @@ def collect(
         evaluator: returns the reward-mode evaluator (``policy -> accuracy``); called only
             when a policy is missing from the store, so a complete store needs no model run.
         target: the FLOPs target the constrained samplers meet.
-        design: samplers, policies per sampler, seed.
+        design: samplers, policies per sampler, seed, other targets drawn for training.
         progress: show a progress bar (policies drawn, stored ones included).
         desc: the progress bar's label.
 
     Returns:
-        The :class:`Collection`.
+        The :class:`Collection` (the target's own policies first, then those drawn at each
+        of ``design.also_targets``, marked ``training_only``).
+
+    Raises:
+        ValueError: ``target`` is one of ``design.also_targets``.
     """
+    if any(abs(float(t) - float(target)) < 1e-9 for t in design.also_targets):
+        raise ValueError(
+            f"the design's also_targets {list(design.also_targets)} include the fit target "
+            f"{target:g}; list only the other targets"
+        )
+    extra = [s for s in design.samplers if s != "unconstrained"]
     bar = tqdm(
-        total=len(design.samplers) * design.per_sampler + 1,
+        total=(len(design.samplers) + len(extra) * len(design.also_targets)) * design.per_sampler
+        + 1,
         desc=desc,
         disable=not progress,
         leave=False,
@@ -444,11 +481,14 @@ def collect(
     evaluate = _memoised(store, evaluator, bar)
     try:
         dense = evaluate(tuple([problem.dense_action] * problem.num_layers))
-        rows, labels = [], []
-        for j, name in enumerate(design.samplers):
-            drawn = draw(name, problem, target, design.per_sampler, design.seed, evaluate)
-            rows += drawn
-            labels += [j] * len(drawn)
+        rows, labels, training = [], [], []
+        draws = [(target, design.samplers)] + [(t, extra) for t in design.also_targets]
+        for k, (t, names) in enumerate(draws):
+            for name in names:
+                drawn = draw(name, problem, t, design.per_sampler, design.seed, evaluate)
+                rows += drawn
+                labels += [design.samplers.index(name)] * len(drawn)
+                training += [k > 0] * len(drawn)
     finally:
         bar.close()
     return Collection(
@@ -457,6 +497,7 @@ def collect(
         sampler=np.asarray(labels, dtype=np.int64),
         samplers=tuple(design.samplers),
         dense_accuracy=dense,
+        training_only=np.asarray(training, dtype=bool),
     )
 
 
@@ -474,8 +515,9 @@ def rescore(
     Returns:
         ``{sampler: (accuracies in the collection, accuracies now)}``.
     """
+    own = ~collection.training_only
     picked = {
-        name: np.flatnonzero(collection.sampler == j)[:per_sampler]
+        name: np.flatnonzero((collection.sampler == j) & own)[:per_sampler]
         for j, name in enumerate(collection.samplers)
     }
     bar = tqdm(

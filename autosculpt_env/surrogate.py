@@ -32,7 +32,10 @@ the others' policies (any policy the held-out sampler also drew is left out of t
 and take the Spearman correlation of prediction and accuracy on the held-out sampler. The
 candidate with the highest minimum over samplers wins (ties: the highest mean), and is
 refitted on everything. Its held-out figures are stored with it. (They are the winner's of
-four candidates on the same folds, so slightly optimistic.)
+four candidates on the same folds, so slightly optimistic.) A design may also draw at a
+configuration's other FLOPs targets (:attr:`~autosculpt_env.policy_collection.Design.also_targets`):
+those policies only train (every fold but their own sampler's); the held-out figures rank
+the fit target's own policies.
 
 **Where surrogates live.** A surrogate is keyed by :func:`config_key` (weights, masks,
 reward data, mode and its settings) plus the FLOPs target its constrained samplers met
@@ -42,7 +45,8 @@ per (configuration, target)). :func:`load_or_build` looks in the shipped folder
 their sha256 and keys), then the cache (``$AUTOSCULPT_CACHE/surrogate/fits``, one file per
 configuration, target and design), and otherwise collects :data:`FIRST_USE_DESIGN`
 (evaluations memoised in ``$AUTOSCULPT_CACHE/surrogate/evaluations``, shared by every
-target and design of a configuration) and fits. A surrogate refuses a key or target
+target and design of a configuration, and seeded with what shipped surrogates of the
+configuration hold: :func:`import_shipped`) and fits. A surrogate refuses a key or target
 it was not fitted for (:class:`SurrogateMismatch`).
 """
 
@@ -561,15 +565,19 @@ class Heldout:
 def leave_one_sampler_out(
     name: str, collection: Collection, x: np.ndarray, features: Features
 ) -> Heldout:
-    """Fit ``name`` on all samplers but one and rank the held-out one, for each sampler."""
+    """Fit ``name`` on all samplers but one and rank the held-out one, for each sampler.
+
+    Only the fit target's own policies are held out and ranked; the ``training_only`` ones
+    (drawn at other targets) train every fold but those of their own sampler."""
     y, lab = collection.accuracy, collection.sampler
+    own = ~collection.training_only
     keys = [p.tobytes() for p in collection.policies]
     oof = np.full(len(y), np.nan)
     per: dict[str, float | None] = {}
     for j, sampler in enumerate(collection.samplers):
-        test = lab == j
+        test = (lab == j) & own
         held = {k for k, t in zip(keys, test) if t}
-        train = np.asarray([not t and k not in held for k, t in zip(keys, test)])
+        train = np.asarray([lj != j and k not in held for k, lj in zip(keys, lab)])
         if test.sum() < 3 or train.sum() < 5:
             per[sampler] = None
             continue
@@ -664,6 +672,7 @@ class Surrogate:
             "samplers": list(self.collection.samplers),
             "counts": self.collection.counts,
             "policies": int(len(self.collection.policies)),
+            **self._training_only_count(),
             "dense_accuracy": self.dense_accuracy,
             "model": self.model_name,
             "model_kind": self.model.kind,
@@ -673,6 +682,11 @@ class Surrogate:
             "heldout_overall": None if chosen is None else chosen.overall,
             "predict_us": self.predict_us,
         }
+
+    def _training_only_count(self) -> dict:
+        # absent when none: a surrogate without them keeps the file it had
+        n = int(self.collection.training_only.sum())
+        return {"training_only": n} if n else {}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the surrogate and its collection to one ``.npz`` (atomically)."""
@@ -685,6 +699,8 @@ class Surrogate:
             "accuracy": c.accuracy,
             "sampler": c.sampler.astype(np.int8),
         }
+        if c.training_only.any():
+            arrays["training_only"] = c.training_only
         arrays.update({f"model.{k}": np.asarray(v) for k, v in self.model.arrays.items()})
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, **arrays)
@@ -715,7 +731,10 @@ class Surrogate:
                 sampler=arrays["sampler"].astype(np.int64).reshape(n),
                 samplers=samplers,
                 dense_accuracy=float(meta["dense_accuracy"]),
+                training_only=arrays.get("training_only", np.zeros(n, dtype=bool)).reshape(n),
             )
+            if int(collection.training_only.sum()) != int(meta.get("training_only", 0)):
+                raise ValueError("its training-only policies do not match its metadata")
             kind = MODEL_KINDS[meta["model_kind"]]
             model = kind({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
             heldout = {
@@ -887,6 +906,31 @@ def _lock(path: Path):
         os.close(fd)
 
 
+def import_shipped(
+    problem: PruningProblem, store: EvaluationStore, folder: Path = SHIPPED_DIR
+) -> int:
+    """Add to ``store`` the evaluations that shipped surrogates of its key hold and it lacks
+    (their policies, accuracies and dense accuracy; each file checked against the manifest
+    first), so that a fresh machine refits or enlarges a registered task's design, or
+    draws at another target, without scoring those policies again. Returns how many."""
+    names = [n for n, e in read_manifest(folder)["surrogates"].items() if e.get("key") == store.key]
+    if not names:
+        return 0
+    added = 0
+    with store.locked():
+        for name in names:
+            path = verify_shipped(name, folder)
+            s = Surrogate.load(path, problem)
+            c = s.collection
+            pairs = [(tuple(p.tolist()), float(a)) for p, a in zip(c.policies, c.accuracy)]
+            pairs.append((tuple(s._dense.tolist()), s.dense_accuracy))
+            for policy, acc in pairs:
+                if store.get(policy) is None:
+                    store.add(policy, acc)
+                    added += 1
+    return added
+
+
 def build(
     problem: PruningProblem,
     key: dict,
@@ -895,11 +939,14 @@ def build(
     design: Design | None = None,
     progress: bool = True,
     candidates: Sequence[str] = tuple(CANDIDATES),
+    shipped: Path | None = None,
 ) -> Surrogate:
-    """Collect (resuming from the evaluation store), fit, and cache a surrogate (replacing
-    any cached fit of the same key and target)."""
+    """Collect (resuming from the evaluation store, and from the evaluations shipped
+    surrogates of the key hold: :func:`import_shipped`), fit, and cache a surrogate
+    (replacing any cached fit of the same key and target)."""
     design = FIRST_USE_DESIGN if design is None else design
     store = EvaluationStore(evaluations_path(key), key)
+    import_shipped(problem, store, SHIPPED_DIR if shipped is None else Path(shipped))
     collection = collect(
         problem,
         store,
@@ -963,7 +1010,7 @@ def load_or_build(
                 return s
             except (SurrogateError, SurrogateMismatch) as e:
                 warnings.warn(f"{e}; refitting it from the stored evaluations", stacklevel=2)
-        s = build(problem, key, target, evaluator, design, progress)
+        s = build(problem, key, target, evaluator, design, progress, shipped=shipped)
         s.sha256 = zoo.sha256(s.path)
         return s
 

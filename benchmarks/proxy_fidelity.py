@@ -61,6 +61,9 @@ class Args:
     """samplers to draw from (leave-one-sampler-out needs at least two)"""
     seed: int = 0
     """seed of the samplers"""
+    pool_targets: bool = True
+    """also draw the samplers at the other leaderboard targets of a task's env id, to train
+    on (not held out: Design.also_targets); a policy's accuracy does not depend on the target"""
     threads: int = 1
     """torch CPU threads"""
     ship: bool = False
@@ -101,7 +104,9 @@ def run_task(name: str, args: Args) -> tuple[surrogate.Surrogate | None, dict]:
     def evaluator():
         return lambda policy: scorer.evaluate_policy(policy)["accuracy"]
 
-    design = Design(tuple(args.samplers), args.per_sampler, args.seed)
+    design = Design(
+        tuple(args.samplers), args.per_sampler, args.seed, other_targets(task, args.pool_targets)
+    )
     if args.report_only:
         s = _stored(name, scorer, key, target, design)
     else:
@@ -116,6 +121,22 @@ def run_task(name: str, args: Args) -> tuple[surrogate.Surrogate | None, dict]:
     if s is not None and "recovery" in mode:
         seeds = _seed_agreement(name, scorer, key, s.collection, args)
     return s, seeds
+
+
+def other_targets(task: Task, pool: bool = True) -> tuple[float, ...]:
+    """The leaderboard's other targets of the task's env id (none without ``pool``)."""
+    if not pool:
+        return ()
+    return tuple(
+        sorted(
+            {
+                t.target_flops_reduction
+                for t in TASKS
+                if t.env_id == task.env_id
+                and t.target_flops_reduction != task.target_flops_reduction
+            }
+        )
+    )
 
 
 def _seed_agreement(name: str, scorer, key: dict, collection, args: Args) -> dict:
@@ -141,9 +162,8 @@ def _seed_agreement(name: str, scorer, key: dict, collection, args: Args) -> dic
         print(f"{name}: reward seed agreement scored, {time.perf_counter() - t0:.0f} s")
     out = {}  # the store read itself when opened, and holds what rescore added
     for j, sampler in enumerate(collection.samplers):
-        stored = {
-            i: store.get(collection.policies[i]) for i in np.flatnonzero(collection.sampler == j)
-        }
+        own = (collection.sampler == j) & ~collection.training_only
+        stored = {i: store.get(collection.policies[i]) for i in np.flatnonzero(own)}
         idx = [i for i, value in stored.items() if value is not None]
         again = np.asarray([stored[i] for i in idx])
         out[sampler] = (surrogate.spearman(collection.accuracy[idx], again), len(idx))
@@ -184,7 +204,10 @@ def render(
         "sampler's policies but one, and ranks the held-out sampler's; the figure is Spearman's "
         "ρ between predicted and measured accuracy. *min* is the lowest held-out figure (the "
         "goal: ≥ 0.8 on every task; three decimals, so that 0.797 does not read as 0.80); "
-        "*pooled* ranks all out-of-fold predictions together. The "
+        "*pooled* ranks all out-of-fold predictions together. Where the task's env id has "
+        "other leaderboard targets, the samplers also draw there (a policy's accuracy does not "
+        "depend on the target): those policies train every fold but their own sampler's and "
+        "are never held out (`--pool-targets`, the default). The "
         "candidate with the best *min* is refitted on all policies and used (marked ✓; its "
         "figures are the best of four on the same folds, so slightly optimistic). Predict: "
         "median time of one call, measured when it was fitted (machine load unknown). "
@@ -213,11 +236,21 @@ def render(
             ]
         seeds = seed_agreement.get(name, {})
         seeds = seeds if any(n for _, n in seeds.values()) else {}
+        own = c.accuracy[~c.training_only]
+        extra = meta.get("training_only", 0)
+        also = meta["design"].get("also_targets", [])
+        also = (
+            f", and {extra} more drawn at target {', '.join(f'{t:g}' for t in also)} to train "
+            "on (never held out)"
+            if extra
+            else ""
+        )
         lines += [
             f"Mode `{meta['mode']}` of `{meta['key']['model']}` on `{meta['key']['dataset']}`, "
-            f"{meta['policies']} policies ({meta['design']['per_sampler']} per sampler, seed "
-            f"{meta['design']['seed']}) + the dense one (accuracy {s.dense_accuracy:.4f}); "
-            f"measured accuracy {c.accuracy.min():.4f}–{c.accuracy.max():.4f}. Chosen: "
+            f"{meta['policies'] - extra} policies ({meta['design']['per_sampler']} per "
+            f"sampler, seed {meta['design']['seed']}) + the dense one (accuracy "
+            f"{s.dense_accuracy:.4f}){also}; "
+            f"measured accuracy {own.min():.4f}–{own.max():.4f}. Chosen: "
             f"**{s.model_name}**, predict {s.predict_us:.0f} µs.",
             "",
             "| sampler | policies | "

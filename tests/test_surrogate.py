@@ -536,3 +536,82 @@ def test_two_collectors_share_one_store(cache):
     assert len(policies) == len(set(policies))  # nothing scored twice, no line interleaved
     full = collect(problem, EvaluationStore(path, key), _never, 0.5, TINY, progress=False)
     assert {tuple(p) for p in full.policies} <= set(policies)
+
+
+# ------------------------------------------------------- other targets, shipped evaluations
+def test_other_targets_train_but_are_never_held_out(cache):
+    problem, plain = _problem()
+    key = sg.config_key(problem, plain, "digits", "accuracy", SETTINGS)
+    store = EvaluationStore(sg.evaluations_path(key), key)
+    pooled = Design(per_sampler=4, also_targets=(0.3,))
+    mine = collect(problem, store, lambda: plain, 0.5, TINY, progress=False)
+    theirs = collect(problem, store, lambda: plain, 0.3, TINY, progress=False)
+    both = collect(problem, store, _never, 0.5, pooled, progress=False)  # all stored already
+    n = len(mine.policies)
+    assert np.array_equal(both.policies[:n], mine.policies)  # the target's own, first
+    assert not both.training_only[:n].any() and both.training_only[n:].all()
+    assert both.counts == mine.counts  # counts are the target's own policies
+    constrained = theirs.sampler != SAMPLERS.index("unconstrained")  # same at every target
+    assert np.array_equal(both.policies[n:], theirs.policies[constrained])
+    assert np.array_equal(both.sampler[n:], theirs.sampler[constrained])
+
+    seen = []
+    real = sg.fit_candidate
+
+    def spy(name, xt, yt, f):
+        seen.append({r.tobytes() for r in xt})
+        return real(name, xt, yt, f)
+
+    features = sg.Features(problem)
+    x = features(both.policies)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sg, "fit_candidate", spy)
+        h = sg.leave_one_sampler_out("additive", both, x, features)
+    rows = [r.tobytes() for r in x]
+    for j, train in enumerate(seen):
+        own_j = {
+            r for r, lab, t in zip(rows, both.sampler, both.training_only) if lab == j and not t
+        }
+        other_j = {r for r, lab, t in zip(rows, both.sampler, both.training_only) if lab != j and t}
+        assert not train & own_j  # the held-out policies are never trained on
+        assert other_j - own_j <= train  # other samplers' other-target policies train
+        same_sampler = {
+            r for r, lab, t in zip(rows, both.sampler, both.training_only) if lab == j and t
+        }
+        assert not train & same_sampler  # nor the held-out sampler's draws at other targets
+    assert set(h.per_sampler) == set(SAMPLERS)
+
+    s = sg.fit(problem, key, 0.5, pooled, both)
+    path = s.save(cache / "pooled.npz")
+    back = sg.Surrogate.load(path, problem)
+    assert np.array_equal(back.collection.training_only, both.training_only)
+    assert back.design == pooled and back.meta()["training_only"] == len(both.policies) - n
+
+    with pytest.raises(ValueError, match="include the fit target 0.3"):
+        collect(problem, store, _never, 0.3, pooled, progress=False)
+    with pytest.raises(ValueError, match=r"also_targets must be FLOPs reductions in \(0, 1\)"):
+        Design(also_targets=(1.5,))
+    assert "also_targets" not in TINY.to_dict()  # existing designs keep their digests
+    assert Design.from_dict(pooled.to_dict()) == pooled
+
+
+def test_a_fresh_store_is_seeded_from_the_shipped_evaluations(cache, tmp_path, monkeypatch):
+    problem, plain = _problem()
+    s, key = _build(problem, plain)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    sg.ship(s, "Tiny-v0", folder=shipped)
+    monkeypatch.setenv("AUTOSCULPT_CACHE", str(tmp_path / "fresh"))  # a machine without them
+    store = EvaluationStore(sg.evaluations_path(key), key)
+    assert len(store) == 0
+    added = sg.import_shipped(problem, store, shipped)
+    assert added == len({tuple(p) for p in s.collection.policies}) + 1  # and the dense one
+    assert sg.import_shipped(problem, store, shipped) == 0  # nothing twice
+    again = sg.build(problem, key, 0.5, _never, TINY, progress=False, shipped=shipped)
+    assert np.array_equal(again.collection.accuracy, s.collection.accuracy)
+    other = EvaluationStore(tmp_path / "other.jsonl", {**key, "mode": "recovery"})
+    assert sg.import_shipped(problem, other, shipped) == 0  # another key's store takes none
+    path = shipped / "Tiny-v0@0.5.npz"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(sg.SurrogateError, match="reinstall the package"):
+        sg.import_shipped(problem, EvaluationStore(tmp_path / "x.jsonl", key), shipped)

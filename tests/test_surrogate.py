@@ -615,3 +615,26 @@ def test_a_fresh_store_is_seeded_from_the_shipped_evaluations(cache, tmp_path, m
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(sg.SurrogateError, match="reinstall the package"):
         sg.import_shipped(problem, EvaluationStore(tmp_path / "x.jsonl", key), shipped)
+
+
+def test_proxy_fidelity_pools_a_networks_other_targets(cache, tmp_path):
+    import runpy
+    from pathlib import Path
+
+    from autosculpt_env.leaderboard import Task
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "proxy_fidelity.py"
+    bench = runpy.run_path(str(script))
+    assert bench["other_targets"](Task.parse("AutoSculpt-ResNet@0.5")) == (0.7,)
+    assert bench["other_targets"](Task.parse("AutoSculpt-ResNet@0.7")) == (0.5,)
+    assert bench["other_targets"](Task.parse("AutoSculpt-VGG@0.5")) == ()
+    assert bench["other_targets"](Task.parse("AutoSculpt-ResNet@0.5"), pool=False) == ()
+    out = tmp_path / "PROXY_FIDELITY.md"
+    args = bench["Args"](
+        tasks=["AutoSculpt-ResNet@0.7"], dataset="digits", per_sampler=2, out=out, progress=False
+    )
+    bench["main"](args)
+    report = out.read_text()
+    assert "and 8 more drawn at target 0.5 to train on (never held out)" in report
+    for sampler in SAMPLERS:
+        assert f"| {sampler} | 2 |" in report  # the held-out counts are the target's own

@@ -30,7 +30,8 @@ for, so a smaller design's policies are a prefix of a larger one's.
 
 :class:`EvaluationStore` memoises ``policy -> accuracy`` on disk, one JSON line per
 evaluation after a header line holding the key (everything that decides an accuracy: see
-:func:`autosculpt_env.surrogate.config_key`). Each evaluation is appended and synced before
+:func:`autosculpt_env.surrogate.config_key`) and the torch thread count it ran with (a
+recovery mode's accuracy depends on it: continuing a store under another count warns). Each evaluation is appended and synced before
 the next starts, so a killed collection loses at most the one in flight; replaying the
 samplers against the store re-derives which sampler drew which policy without evaluating
 anything again. Processes collecting into one store at once share the work: each
@@ -168,6 +169,7 @@ class EvaluationStore:
         self.path = Path(path)
         self.key = key
         self.values: dict[tuple[int, ...], float] = {}
+        self.threads: set[int] = set()  # torch thread counts the stored evaluations ran with
         self._header = json.dumps({"key": key}, sort_keys=True)
         self._read = 0  # bytes of the file already parsed
         self._lines = 0
@@ -232,15 +234,24 @@ class EvaluationStore:
                 f"file is damaged: {self._fix} ({len(self.values)} evaluations before it)"
             ) from None
         self.values[tuple(actions)] = acc
+        if type(d.get("threads")) is int:
+            self.threads.add(d["threads"])
 
     def get(self, policy: Sequence[int]) -> float | None:
         return self.values.get(tuple(int(a) for a in policy))
 
-    def add(self, policy: Sequence[int], accuracy: float) -> None:
-        """Store one evaluation durably (appended and synced; call it under :meth:`locked`)."""
+    def add(self, policy: Sequence[int], accuracy: float, threads: int | None = None) -> None:
+        """Store one evaluation durably (appended and synced; call it under :meth:`locked`).
+
+        ``threads``: the torch thread count it was computed with (stored with it: a recovery
+        mode's accuracy depends on it; ``None`` where unknown, e.g. copied from a file)."""
         key = tuple(int(a) for a in policy)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"policy": list(key), "accuracy": float(accuracy)}) + "\n"
+        line = {"policy": list(key), "accuracy": float(accuracy)}
+        if threads is not None:
+            line["threads"] = int(threads)
+            self.threads.add(int(threads))
+        text = json.dumps(line) + "\n"
         if self._read == 0:
             text = self._header + "\n" + text
         with open(self.path, "a") as f:
@@ -411,6 +422,26 @@ def draw(
     return out
 
 
+_WARNED: set[tuple[str, int]] = set()
+
+
+def _warn_threads(store: EvaluationStore, threads: int) -> None:
+    """Warn (once per store and thread count) that a store mixes torch thread counts."""
+    import warnings
+
+    if (str(store.path), threads) in _WARNED:
+        return
+    _WARNED.add((str(store.path), threads))
+    warnings.warn(
+        f"{store.path} holds evaluations made with {sorted(store.threads)} torch thread(s) and "
+        f"this process runs {threads}: a recovery mode's accuracy depends on the thread count "
+        "(floating-point differences grow through its training pass), so the collection mixes "
+        f"two realisations of the reward; set torch.set_num_threads({sorted(store.threads)[0]}) "
+        "(--threads) to continue it alike, or delete the file to collect it again",
+        stacklevel=3,
+    )
+
+
 def _memoised(
     store: EvaluationStore,
     evaluator: Callable[[], Callable[[Sequence[int]], float]],
@@ -427,10 +458,15 @@ def _memoised(
             with store.locked():  # another collector may have scored it meanwhile
                 acc = store.get(policy)
                 if acc is None:
+                    import torch
+
+                    threads = torch.get_num_threads()
+                    if store.threads - {threads}:
+                        _warn_threads(store, threads)
                     if evaluate_fn is None:
                         evaluate_fn = evaluator()
                     acc = float(evaluate_fn(list(policy)))
-                    store.add(policy, acc)
+                    store.add(policy, acc, threads)
         bar.update(1)
         return acc
 

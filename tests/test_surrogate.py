@@ -638,3 +638,27 @@ def test_proxy_fidelity_pools_a_networks_other_targets(cache, tmp_path):
     assert "and 8 more drawn at target 0.5 to train on (never held out)" in report
     for sampler in SAMPLERS:
         assert f"| {sampler} | 2 |" in report  # the held-out counts are the target's own
+
+
+def test_a_store_records_thread_counts_and_warns_when_they_mix(cache):
+    problem, plain = _problem()
+    key = sg.config_key(problem, plain, "digits", "accuracy", SETTINGS)
+    store = EvaluationStore(sg.evaluations_path(key), key)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            collect(problem, store, lambda: plain, 0.5, TINY, progress=False)
+        lines = [json.loads(line) for line in store.path.read_text().splitlines()[1:]]
+        assert {d["threads"] for d in lines} == {1}
+        assert EvaluationStore(store.path, key).threads == {1}  # read back from the file
+        torch.set_num_threads(2)
+        with pytest.warns(UserWarning, match=r"made with \[1\] torch thread\(s\).*runs 2"):
+            collect(problem, store, lambda: plain, 0.5, Design(per_sampler=6), progress=False)
+    finally:
+        torch.set_num_threads(before)
+    copied = EvaluationStore(cache / "copied.jsonl", key)
+    with copied.locked():
+        copied.add((0,) * problem.num_layers, 0.5)  # a copied value: thread count unknown
+    assert copied.threads == set() and "threads" not in copied.path.read_text()

@@ -506,10 +506,10 @@ def collect(
             f"the design's also_targets {list(design.also_targets)} include the fit target "
             f"{target:g}; list only the other targets"
         )
-    extra = [s for s in design.samplers if s != "unconstrained"]
+    extra = tuple(s for s in design.samplers if s != "unconstrained")  # the same at every target
+    draws = [(target, design.samplers)] + [(t, extra) for t in design.also_targets]
     bar = tqdm(
-        total=(len(design.samplers) + len(extra) * len(design.also_targets)) * design.per_sampler
-        + 1,
+        total=sum(len(names) for _, names in draws) * design.per_sampler + 1,
         desc=desc,
         disable=not progress,
         leave=False,
@@ -518,7 +518,6 @@ def collect(
     try:
         dense = evaluate(tuple([problem.dense_action] * problem.num_layers))
         rows, labels, training = [], [], []
-        draws = [(target, design.samplers)] + [(t, extra) for t in design.also_targets]
         for k, (t, names) in enumerate(draws):
             for name in names:
                 drawn = draw(name, problem, t, design.per_sampler, design.seed, evaluate)

@@ -923,7 +923,7 @@ def import_shipped(
             s = Surrogate.load(path, problem)
             c = s.collection
             pairs = [(tuple(p.tolist()), float(a)) for p, a in zip(c.policies, c.accuracy)]
-            pairs.append((tuple(s._dense.tolist()), s.dense_accuracy))
+            pairs.append(((problem.dense_action,) * problem.num_layers, s.dense_accuracy))
             for policy, acc in pairs:
                 if store.get(policy) is None:
                     store.add(policy, acc)

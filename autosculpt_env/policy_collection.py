@@ -31,17 +31,19 @@ for, so a smaller design's policies are a prefix of a larger one's.
 :class:`EvaluationStore` memoises ``policy -> accuracy`` on disk, one JSON line per
 evaluation after a header line holding the key (everything that decides an accuracy: see
 :func:`autosculpt_env.surrogate.config_key`) and the torch thread count it ran with (a
-recovery mode's accuracy depends on it: continuing a store under another count warns). Each evaluation is appended and synced before
-the next starts, so a killed collection loses at most the one in flight; replaying the
-samplers against the store re-derives which sampler drew which policy without evaluating
-anything again. Processes collecting into one store at once share the work: each
-evaluation is made under a lock file after reading the others' new lines.
+recovery mode's accuracy depends on it: continuing a store under another count warns). Each
+evaluation is appended and synced before the next starts, so a killed collection loses at
+most the one in flight; replaying the samplers against the store re-derives which sampler
+drew which policy without evaluating anything again. Processes collecting into one store at
+once share the work: each evaluation is made under a lock file after reading the others'
+new lines.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -50,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .band import max_kept
@@ -427,8 +430,6 @@ _WARNED: set[tuple[str, int]] = set()
 
 def _warn_threads(store: EvaluationStore, threads: int) -> None:
     """Warn (once per store and thread count) that a store mixes torch thread counts."""
-    import warnings
-
     if (str(store.path), threads) in _WARNED:
         return
     _WARNED.add((str(store.path), threads))
@@ -458,8 +459,6 @@ def _memoised(
             with store.locked():  # another collector may have scored it meanwhile
                 acc = store.get(policy)
                 if acc is None:
-                    import torch
-
                     threads = torch.get_num_threads()
                     if store.threads - {threads}:
                         _warn_threads(store, threads)

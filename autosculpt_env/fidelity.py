@@ -16,7 +16,11 @@ This module measures how good a measurement it is, per leaderboard task:
   mean of the two;
 * per candidate reward: Spearman's ρ and Kendall's τ with the ground truth (95 % paired
   bootstrap intervals, ``scipy.stats.bootstrap``), and its **cost** per evaluation as a
-  ratio to a bare dense forward pass over the same reward images, timed in the same run.
+  ratio to a bare dense forward pass over the same reward images, timed in the same run;
+* for the candidates that train (the ``recovery`` modes), optionally the same figures
+  under other **recovery seeds** (the env's reward trains under seed 0): the bootstrap
+  intervals resample policies, not the reward's own training noise, so two candidates are
+  only told apart where they differ under every seed measured.
 
 Everything expensive is stored as it is computed, one atomic file per result, so a killed
 run loses at most the runs in flight, several runners can share a folder (a lock file per
@@ -26,6 +30,8 @@ result), and adding a candidate recomputes no ground truth. Layout of a fidelity
     <task>/policies.json                     the stored policy set
     <task>/ground_truth/<policy>__seed<s>.json   one fine-tuning run (test accuracy)
     <task>/rewards/<mode>.json               one candidate's reward per policy, its cost
+    <task>/rewards/recovery_seed<k>/<mode>.json   the same reward, its recovery pass
+                                             trained under seed k instead of the env's 0
     REWARD_FIDELITY.md, plots/<task>.png     the report (generated from the above)
 
 Rewards are computed on the ``reward`` split; the ``test`` split is read only by the
@@ -632,49 +638,94 @@ def candidate_kwargs(spec: str) -> dict:
     return {"evaluation": mode, **mode_settings(mode), **settings}
 
 
-def rewards_path(root: Path, task: Task, mode: str) -> Path:
-    return Path(root) / task_dir_name(task) / "rewards" / f"{mode}.json"
+def rewards_path(root: Path, task: Task, mode: str, seed: int = 0) -> Path:
+    """Where a candidate's rewards are stored; ``seed``: its recovery pass's (0, the env's,
+    unless a seed replicate is meant)."""
+    folder = Path(root) / task_dir_name(task) / "rewards"
+    if int(seed) != 0:
+        folder = folder / f"recovery_seed{int(seed)}"
+    return folder / f"{mode}.json"
 
 
-def load_rewards(root: Path, task: Task, mode: str) -> dict:
-    """``{"values": {policy key: reward accuracy}, "cost": {...} | None, ...}`` of a mode."""
-    path = rewards_path(root, task, mode)
+def check_reward_seed(mode: str, seed) -> int:
+    """``seed`` as a recovery seed of candidate ``mode``, or a ValueError naming the fix."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"a recovery seed must be an integer >= 0, got {seed!r}")
+    if seed != 0 and "recovery" not in parse_candidate(mode)[0].split("+"):
+        raise ValueError(
+            f"candidate {mode!r} trains nothing, so it has no recovery seed; seed "
+            f"{seed} applies only to the recovery modes (recovery, reconstruction+recovery)"
+        )
+    return seed
+
+
+def reward_seeds(root: Path, task: Task, mode: str) -> list[int]:
+    """The recovery seeds other than 0 whose rewards of ``mode`` are stored, sorted."""
+    folder = Path(root) / task_dir_name(task) / "rewards"
+    found = []
+    for sub in folder.glob("recovery_seed*"):
+        tail = sub.name[len("recovery_seed") :]
+        if tail.isdigit() and int(tail) != 0 and (sub / f"{mode}.json").exists():
+            found.append(int(tail))
+    return sorted(found)
+
+
+def load_rewards(root: Path, task: Task, mode: str, seed: int = 0) -> dict:
+    """``{"values": {policy key: reward accuracy}, "cost": {...} | None, ...}`` of a mode
+    (under recovery seed ``seed``)."""
+    seed = check_reward_seed(mode, seed)
+    path = rewards_path(root, task, mode, seed)
     if not path.exists():
-        return {"mode": mode, "task": task.name, "values": {}, "cost": None}
+        out = {"mode": mode, "task": task.name, "values": {}, "cost": None}
+        return out if seed == 0 else {**out, "recovery_seed": seed}
     d = read_json(path, f"the {mode} rewards")
     values = d.get("values")
     if (
         d.get("mode") != mode
         or d.get("task") != task.name
+        or d.get("recovery_seed", 0) != seed
         or not isinstance(values, dict)
         or not all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in values.values())
     ):
-        raise ValueError(f"{path}: not the {mode} rewards of {task.name}; delete it to recompute")
+        what = f"the {mode} rewards of {task.name}" + (
+            f" under recovery seed {seed}" if seed else ""
+        )
+        raise ValueError(f"{path}: not {what}; delete it to recompute")
     return d
 
 
 def compute_rewards(
-    root: Path, task: Task, mode: str, threads: int = 1, progress: bool = True, save_every: int = 8
+    root: Path,
+    task: Task,
+    mode: str,
+    threads: int = 1,
+    progress: bool = True,
+    save_every: int = 8,
+    seed: int = 0,
 ) -> dict:
     """Score every stored policy of the task with one ``evaluation=`` mode (missing ones
     only; stored every ``save_every`` policies, so a killed run loses little).
 
-    A ``proxy`` candidate's answers depend on the surrogate file it loads, not on settings:
-    the file's sha256 is stored with them, and values another surrogate gave are refused.
+    ``seed``: the recovery pass's seed (a candidate that trains; 0 is the env's reward,
+    another measures how much its ranking depends on that seed, stored apart,
+    :func:`rewards_path`). A ``proxy`` candidate's answers depend on the surrogate file it
+    loads, not on settings: the file's sha256 is stored with them, and values another
+    surrogate gave are refused.
     """
     import torch
     from tqdm.auto import tqdm
 
     torch.set_num_threads(threads)
+    seed = check_reward_seed(mode, seed)
     ps = PolicySet.load(root, task)
-    d = load_rewards(root, task, mode)
+    d = load_rewards(root, task, mode, seed)
     todo = [p for p in ps.policies if p.key not in d["values"]]
     fitted = parse_candidate(mode)[0] == "proxy"  # its answers depend on a file, not settings
     if not todo and not fitted:
         return d
     env = make_candidate_env(task, mode)
     base = env.unwrapped
-    path = rewards_path(root, task, mode)
+    path = rewards_path(root, task, mode, seed)
     if fitted:
         now = search_reward_identity(env)
         if d["values"] and d.get("surrogate") != now:
@@ -709,9 +760,24 @@ def compute_rewards(
             f"'{parse_candidate(mode)[0]}[{sorted(differ)[0]}={stored[sorted(differ)[0]]}]', or delete it"
         )
     d["env_kwargs"] = base.env_kwargs
+    if seed:
+        from .envs.autosculpt import seeded_reward_evaluator
+
+        seeded = seeded_reward_evaluator(env, seed)
+
+        def score(actions) -> float:
+            idx = base.problem.policy_indices(actions)
+            base.problem.check_policy(idx)
+            return float(seeded(idx))
+    else:
+
+        def score(actions) -> float:
+            return float(base.evaluate_policy(actions)["accuracy"])
+
+    desc = f"{task.name} {mode}" + (f" (recovery seed {seed})" if seed else "")
     try:
-        for n, p in enumerate(tqdm(todo, desc=f"{task.name} {mode}", disable=not progress), 1):
-            d["values"][p.key] = float(base.evaluate_policy(p.actions)["accuracy"])
+        for n, p in enumerate(tqdm(todo, desc=desc, disable=not progress), 1):
+            d["values"][p.key] = score(p.actions)
             if n % save_every == 0 or n == len(todo):
                 atomic_write_json(path, d)
     finally:
@@ -852,9 +918,18 @@ def verdict(table: dict) -> str:
     cost_ok = bool(cost) and cost["ratio"] <= GOAL_COST
     met = a.spearman >= goal
     fresh = entry.get("searches_only")
+    reps = [r for r in entry.get("seeds", []) if r.n == a.n]
+    seeds_s = (
+        ""
+        if not reps
+        else f"; under recovery seeds 0, {', '.join(str(r.seed) for r in reps)}: ρ "
+        + ", ".join(f"{v:.2f}" for v in [a.spearman] + [r.spearman for r in reps])
+        + f" (mean {np.mean([a.spearman] + [r.spearman for r in reps]):.2f})"
+    )
     return (
         f"{table['task']}: ρ {a.spearman:.2f} against a goal of {goal:.2f} "
         + ("(met)" if met else f"(short by {goal - a.spearman:.2f})")
+        + seeds_s
         + f"; {cost_s}"
         + ("" if not cost else " (within 5×)" if cost_ok else f" (over {GOAL_COST:.0f}×)")
         + (
@@ -904,6 +979,8 @@ def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:
                     [values["values"][k] for k in have],
                     [float(np.mean(list(complete[k].values()))) for k in have],
                 )
+            if set_name == "competitive":
+                entry["seeds"] = _seed_replicates(root, task, mode, keys, complete, values)
     # the package-wide default was chosen on the committed rows' policies before the search
     # runs existed, so on those it is an out-of-sample figure (not for a per-model default
     # chosen on all of them, e.g. the ViT's)
@@ -919,6 +996,43 @@ def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:
             [values[k] for k in have], [float(np.mean(list(complete[k].values()))) for k in have]
         )
     return out
+
+
+@dataclass
+class SeedReplicate:
+    """A candidate under another recovery seed, on the competitive policies scored under
+    both it and seed 0: its Spearman with the score, and with itself under seed 0 (how
+    repeatable the reward's ranking is)."""
+
+    seed: int
+    n: int
+    spearman: float
+    agreement_with_seed0: float
+
+
+def _seed_replicates(root, task, mode, keys, complete, values) -> list[SeedReplicate]:
+    from scipy import stats
+
+    out = []
+    for seed in reward_seeds(root, task, mode):
+        other = load_rewards(root, task, mode, seed)["values"]
+        have = [k for k in keys if k in other and k in values["values"]]
+        if len(have) < 4:
+            continue
+        x = [other[k] for k in have]
+        score = [float(np.mean(list(complete[k].values()))) for k in have]
+        rho = stats.spearmanr(x, score)[0]
+        same = stats.spearmanr(x, [values["values"][k] for k in have])[0]
+        out.append(
+            SeedReplicate(seed, len(have), float(np.nan_to_num(rho)), float(np.nan_to_num(same)))
+        )
+    return out
+
+
+def _fmt_seeds(reps: Sequence[SeedReplicate]) -> str:
+    if not reps:
+        return "–"
+    return "; ".join(f"{r.seed}: {r.spearman:.2f} ({r.agreement_with_seed0:.2f})" for r in reps)
 
 
 def _fmt(a: Agreement | None, which: str) -> str:
@@ -954,10 +1068,14 @@ def render_report(tables: list[dict]) -> str:
         "Competitive set (the policies searches find; every goal is judged here). "
         "ρ: Spearman, τ: Kendall, with 95 % paired-bootstrap intervals. Ceiling: the score's "
         "agreement with itself across the two fine-tuning seeds. Cost: one evaluation as a "
-        "multiple of a bare dense forward over the same reward images, timed in one run.",
+        "multiple of a bare dense forward over the same reward images, timed in one run. "
+        "Other recovery seeds: the same candidate with its recovery pass trained under "
+        "another seed (the env's reward uses 0), as `seed: ρ (ρ with the seed-0 reward)`; "
+        "the intervals resample policies, not this training noise.",
         "",
-        "| task | policies (with ground truth) | ceiling ρ | mode | ρ | τ | ρ on broad set | cost |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | policies (with ground truth) | ceiling ρ | mode | ρ | τ "
+        "| other recovery seeds | ρ on broad set | cost |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in tables:
         comp = t["sets"]["competitive"]
@@ -979,13 +1097,14 @@ def render_report(tables: list[dict]) -> str:
                 lead
                 + f"| {name} | {_fmt(entry.get('competitive'), 'rho')} | "
                 + f"{_fmt(entry.get('competitive'), 'tau')} | "
+                + f"{_fmt_seeds(entry.get('seeds', []))} | "
                 + f"{_fmt(entry.get('broad'), 'rho')} | {cost_s} |"
             )
             first = False
         if first:
             lines.append(
                 f"| {t['task']} | {comp['policies']} ({comp['with_ground_truth']}) | {ceiling} "
-                "| – | – | – | – | – |"
+                "| – | – | – | – | – | – |"
             )
     lines += [
         "",

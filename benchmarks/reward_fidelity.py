@@ -7,6 +7,7 @@ is resumable and stores each result as it is computed, so it can run in several 
     python benchmarks/reward_fidelity.py --policies            # build / extend the policy sets
     python benchmarks/reward_fidelity.py --ground-truth --jobs 2   # fine-tuning runs (hours)
     python benchmarks/reward_fidelity.py --rewards accuracy reconstruction recovery
+    python benchmarks/reward_fidelity.py --rewards recovery --reward-seeds 1 2  # its seed noise
     python benchmarks/reward_fidelity.py --cost accuracy reconstruction   # idle machine only
 
 The report (``benchmarks/fidelity/REWARD_FIDELITY.md`` and one scatter plot per task in
@@ -53,6 +54,10 @@ class Args:
     """which policy sets get ground truth, in this order"""
     rewards: list[str] = field(default_factory=list)
     """candidate rewards (evaluation modes) to compute for every stored policy"""
+    reward_seeds: list[int] = field(default_factory=lambda: [0])
+    """recovery seeds the --rewards are computed under (0 is the env's reward; another seed
+    measures how much a candidate's ranking depends on its training seed; recovery modes
+    only)"""
     cost: list[str] = field(default_factory=list)
     """modes whose cost per evaluation is timed (run on an otherwise idle machine)"""
     jobs: int = 2
@@ -91,11 +96,15 @@ def main(args: Args) -> None:
             threads=args.threads,
             progress=args.progress,
         )
+    for mode in args.rewards:  # refuse a seed a candidate cannot take before any work
+        for seed in args.reward_seeds:
+            fidelity.check_reward_seed(mode, seed)
     for mode in args.rewards:
-        for task in tasks:
-            fidelity.compute_rewards(
-                args.root, task, mode, threads=args.threads, progress=args.progress
-            )
+        for seed in args.reward_seeds:
+            for task in tasks:
+                fidelity.compute_rewards(
+                    args.root, task, mode, threads=args.threads, progress=args.progress, seed=seed
+                )
     for mode in args.cost:
         for task in tasks:
             cost = fidelity.measure_cost(args.root, task, mode, threads=args.threads)

@@ -259,3 +259,62 @@ def test_ground_truth_runs_once_and_is_validated(root):
     path.write_text(json.dumps(d))
     with pytest.raises(ValueError, match="not a valid ground-truth run"):
         fidelity.load_ground_truth(root, TASK)
+
+
+def test_recovery_seed_replicates_are_stored_apart_and_reported(root):
+    from autosculpt_env.envs.autosculpt import seeded_reward_evaluator
+
+    ps = fidelity.PolicySet.load(root, TASK)
+    d = fidelity.compute_rewards(root, TASK, "recovery", progress=False, seed=1)
+    path = fidelity.rewards_path(root, TASK, "recovery", 1)
+    assert (
+        path == root / fidelity.task_dir_name(TASK) / "rewards" / "recovery_seed1" / "recovery.json"
+    )
+    assert path.exists() and not fidelity.rewards_path(root, TASK, "recovery").exists()
+    assert json.loads(path.read_text())["recovery_seed"] == 1 and len(d["values"]) == 4
+    assert fidelity.reward_seeds(root, TASK, "recovery") == [1]
+    assert "recovery_seed1" not in " ".join(fidelity.reported_modes(root, [TASK]))
+
+    # the values are the seed-1 reward's, not the env's (seed 0)
+    env = fidelity.make_candidate_env(TASK, "recovery")
+    problem = env.unwrapped.problem
+    seeded = seeded_reward_evaluator(env, 1)
+    for p in ps.policies[:2]:
+        assert d["values"][p.key] == seeded(problem.policy_indices(p.actions))
+    seed0 = fidelity.compute_rewards(root, TASK, "recovery", progress=False)["values"]
+    assert seed0 != d["values"]
+    env.close()
+
+    # reported: the replicate's rho with the score and with the seed-0 reward
+    _store_ground_truth(root, ps, [0.5, 0.6, 0.7, 0.8])
+    table = fidelity.task_table(root, TASK, ["recovery"])
+    (rep,) = table["modes"]["recovery"]["seeds"]
+    assert rep.seed == 1 and rep.n == 4 and -1.0 <= rep.spearman <= 1.0
+    assert "under recovery seeds 0, 1: ρ" in fidelity.verdict(table)
+    text = fidelity.write_report(root, [TASK], modes=["recovery"]).read_text()
+    assert f"| 1: {rep.spearman:.2f} ({rep.agreement_with_seed0:.2f}) |" in text
+
+    # a file whose seed is not the one asked for is refused, not read as it
+    stored = json.loads(path.read_text())
+    stored["recovery_seed"] = 2
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match="under recovery seed 1; delete it"):
+        fidelity.load_rewards(root, TASK, "recovery", 1)
+
+
+@pytest.mark.parametrize(
+    "mode, seed, message",
+    [
+        ("accuracy", 1, "trains nothing"),
+        ("reconstruction[calibration_samples=64]", 2, "trains nothing"),
+        ("proxy", 1, "trains nothing"),
+        ("recovery", -1, "integer >= 0"),
+        ("recovery", True, "integer >= 0"),
+        ("recovery", 1.5, "integer >= 0"),
+    ],
+)
+def test_a_recovery_seed_needs_a_candidate_that_trains(root, mode, seed, message):
+    with pytest.raises(ValueError, match=message):
+        fidelity.compute_rewards(root, TASK, mode, progress=False, seed=seed)
+    assert not (root / fidelity.task_dir_name(TASK) / "rewards").exists()  # nothing written
+    assert fidelity.check_reward_seed("reconstruction+recovery", 3) == 3

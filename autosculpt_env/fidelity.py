@@ -723,9 +723,19 @@ def compute_rewards(
     fitted = parse_candidate(mode)[0] == "proxy"  # its answers depend on a file, not settings
     if not todo and not fitted:
         return d
+    path = rewards_path(root, task, mode, seed)
+    trains = "recovery" in parse_candidate(mode)[0].split("+")
+    if trains and todo and d["values"] and d.get("threads", threads) != threads:
+        raise ValueError(
+            f"{path}: computed with {d['threads']} torch thread(s), asked for {threads}; a "
+            "recovery reward moves with the thread count (its training pass adds up in "
+            f"another order), so rerun with --threads {d['threads']}, or delete the file to "
+            "recompute every policy"
+        )
+    if not d["values"]:
+        d["threads"] = threads  # a file older than this record leaves it unknown
     env = make_candidate_env(task, mode)
     base = env.unwrapped
-    path = rewards_path(root, task, mode, seed)
     if fitted:
         now = search_reward_identity(env)
         if d["values"] and d.get("surrogate") != now:

@@ -285,6 +285,27 @@ def test_recovery_seed_replicates_are_stored_apart_and_reported(root):
     assert seed0 != d["values"]
     env.close()
 
+    # a recovery reward moves with the thread count: a file states its own and is extended
+    # only with it (a mode that trains nothing is not held to it)
+    path0 = fidelity.rewards_path(root, TASK, "recovery")
+    stored = json.loads(path0.read_text())
+    assert stored["threads"] == 1
+    stored["values"].pop(next(iter(stored["values"])))
+    path0.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"computed with 1 torch thread\(s\), asked for 2"):
+        fidelity.compute_rewards(root, TASK, "recovery", progress=False, threads=2)
+    assert len(json.loads(path0.read_text())["values"]) == 3  # nothing lost
+    assert fidelity.compute_rewards(root, TASK, "recovery", progress=False)["values"] == seed0
+    fidelity.compute_rewards(root, TASK, "accuracy", progress=False, threads=1)
+    acc = fidelity.rewards_path(root, TASK, "accuracy")
+    stored = json.loads(acc.read_text())
+    stored["values"].pop(next(iter(stored["values"])))
+    acc.write_text(json.dumps(stored))
+    assert (
+        len(fidelity.compute_rewards(root, TASK, "accuracy", progress=False, threads=2)["values"])
+        == 4
+    )
+
     # reported: the replicate's rho with the score and with the seed-0 reward
     _store_ground_truth(root, ps, [0.5, 0.6, 0.7, 0.8])
     table = fidelity.task_table(root, TASK, ["recovery"])

@@ -31,6 +31,11 @@ each one ranks policies like that score is measured by ``benchmarks/reward_fidel
   collected and fitted on first use and cached. It answers in microseconds; its held-out
   agreement is in ``benchmarks/PROXY_FIDELITY.md``.
 
+Every mode but the proxy reads the scored network out on the reward images in one of
+:data:`READOUTS` (``reward_readout=``): top-1 accuracy (the default), or the mean probability
+the network gives the true class (its expected accuracy under its own predictive
+distribution: smooth where accuracy moves in steps of one image).
+
 No evaluator ever reads the ``test`` split; all of them are deterministic.
 """
 
@@ -68,6 +73,22 @@ MODE_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 """The env settings only some modes read: a mode reads those of the parts it names
 (``reconstruction+recovery`` reads both)."""
+
+
+READOUTS: tuple[str, ...] = ("accuracy", "probability")
+"""How an evaluation reads the scored network out on the reward images (``reward_readout=``):
+``accuracy``, the fraction of images whose top-1 class is right; ``probability``, the mean
+softmax probability of the true class. Both lie in [0, 1] and equal 1 for a network that is
+always right with certainty."""
+
+
+def check_readout(readout) -> str:
+    """``readout`` if it is one of :data:`READOUTS`, else a ValueError naming them."""
+    if readout not in READOUTS:
+        raise ValueError(
+            f"reward_readout must be one of {', '.join(map(repr, READOUTS))}, got {readout!r}"
+        )
+    return readout
 
 
 def unused_settings(mode: str) -> set[str]:
@@ -148,6 +169,7 @@ class AccuracyEvaluator:
         reward_samples: reward-split images scored (the first ones of the fixed split).
         bn_recalibration_samples: training images used to re-estimate batch-norm
             statistics before scoring (0 turns recalibration off).
+        readout: how the scored network is read out (:data:`READOUTS`).
     """
 
     def __init__(
@@ -157,8 +179,10 @@ class AccuracyEvaluator:
         data_dir=None,
         reward_samples: int = REWARD_SAMPLES,
         bn_recalibration_samples: int = BN_RECALIBRATION_SAMPLES,
+        readout: str = "accuracy",
     ):
         self.problem = problem
+        self.readout = check_readout(readout)
         reward = data_mod.load(dataset, "reward", data_dir)
         n = data_mod.check_samples("reward_samples", reward_samples, dataset, "reward", data_dir)
         self.images, self.labels = reward.images[:n], reward.labels[:n]
@@ -190,12 +214,17 @@ class AccuracyEvaluator:
         with torch.no_grad():
             if self.recal_images is not None:
                 self._recalibrate()
-            correct = 0
+            total = 0.0
             for i in range(0, len(self.labels), EVAL_BATCH):
                 out = self.net(self.images[i : i + EVAL_BATCH])
-                correct += (out.argmax(1) == self.labels[i : i + EVAL_BATCH]).sum().item()
+                y = self.labels[i : i + EVAL_BATCH]
+                if self.readout == "accuracy":
+                    total += (out.argmax(1) == y).sum().item()
+                else:
+                    prob = out.double().softmax(1).gather(1, y[:, None])
+                    total += prob.sum().item()
         self.num_forward += 1
-        return correct / len(self.labels)
+        return min(1.0, total / len(self.labels))  # a sum of probabilities may round past 1
 
     def _apply(self, policy: tuple[int, ...]) -> None:
         p = self.problem
@@ -238,10 +267,13 @@ class ReconstructionEvaluator(AccuracyEvaluator):
         reward_samples: int = REWARD_SAMPLES,
         bn_recalibration_samples: int = BN_RECALIBRATION_SAMPLES,
         calibration_samples: int = CALIBRATION_SAMPLES,
+        readout: str = "accuracy",
     ):
         calib = train_subset(dataset, calibration_samples, data_dir, "calibration_samples").images
         self.reconstruction = Reconstruction(problem, calib)
-        super().__init__(problem, dataset, data_dir, reward_samples, bn_recalibration_samples)
+        super().__init__(
+            problem, dataset, data_dir, reward_samples, bn_recalibration_samples, readout
+        )
 
     def _apply(self, policy: tuple[int, ...]) -> None:
         p, rec = self.problem, self.reconstruction
@@ -334,6 +366,7 @@ class RecoveryEvaluator(AccuracyEvaluator):
         calibration_samples: int = CALIBRATION_SAMPLES,
         recovery_batch_size: int = RECOVERY_BATCH_SIZE,
         seed: int = 0,
+        readout: str = "accuracy",
     ):
         self.seed = int(seed)
         self.recovery_data = train_subset(dataset, recovery_samples, data_dir, "recovery_samples")
@@ -346,7 +379,9 @@ class RecoveryEvaluator(AccuracyEvaluator):
             if reconstruction
             else None
         )
-        super().__init__(problem, dataset, data_dir, reward_samples, bn_recalibration_samples)
+        super().__init__(
+            problem, dataset, data_dir, reward_samples, bn_recalibration_samples, readout
+        )
 
     def _apply(self, policy: tuple[int, ...]) -> None:
         # training moves every weight: start each evaluation from the pretrained network
@@ -378,6 +413,7 @@ class ProxyEvaluator:
         evaluator: returns ``mode``'s evaluator; called only if policies must be scored
             (nothing shipped or cached).
         progress: progress bar while collecting (when stderr is a terminal).
+        readout: the readout of the mode it stands for (:data:`READOUTS`).
     """
 
     def __init__(
@@ -390,11 +426,12 @@ class ProxyEvaluator:
         target: float,
         evaluator,
         progress: bool = True,
+        readout: str = "accuracy",
     ):
         from . import surrogate
 
         self.problem, self.mode = problem, mode
-        self.key = surrogate.config_key(problem, plain, dataset, mode, settings)
+        self.key = surrogate.config_key(problem, plain, dataset, mode, settings, readout)
         self.surrogate = surrogate.load_or_build(
             problem, self.key, target, evaluator, progress=progress and sys.stderr.isatty()
         )

@@ -142,6 +142,7 @@ def config_key(
     dataset: str,
     mode: str,
     settings: tuple[int, int, int, int, int],
+    readout: str = "accuracy",
 ) -> dict:
     """Everything that decides the accuracy a reward mode gives a policy.
 
@@ -153,6 +154,8 @@ def config_key(
         mode: the ``evaluation=`` mode the surrogate stands for.
         settings: ``(reward_samples, bn_recalibration_samples, recovery_samples,
             calibration_samples, recovery_batch_size)``, as the env holds them.
+        readout: the mode's readout (``reward_readout=``); the default leaves the key as it
+            was before readouts existed, so the shipped surrogates keep theirs.
 
     Returns:
         A JSON-able dict; two configurations with equal dicts score every policy alike.
@@ -193,6 +196,8 @@ def config_key(
         "mode": mode,
         "mode_settings": mode_settings,
     }
+    if readout != "accuracy":
+        key["readout"] = readout
     return json.loads(json.dumps(key))  # as a file stores it (tuples become lists)
 
 
@@ -205,7 +210,12 @@ def env_key(env) -> tuple[dict, str]:
     base = env.unwrapped
     mode = proxied_mode(base.problem.model_name, base.problem.catalog.name)
     key = config_key(
-        base.problem, base.evaluator, base.env_kwargs["dataset"], mode, base.reward_settings
+        base.problem,
+        base.evaluator,
+        base.env_kwargs["dataset"],
+        mode,
+        base.reward_settings,
+        base.env_kwargs.get("reward_readout", "accuracy"),
     )
     return key, mode
 

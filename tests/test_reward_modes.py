@@ -34,6 +34,11 @@ for mode in EVALUATIONS:
     rng = random.Random(0)
     out[mode] = [env.unwrapped.evaluate_policy(random_valid_policy(env, rng))["accuracy"]
                  for _ in range(2)]
+env = gym.make("AutoSculpt-ResNet", dataset="digits", evaluation="recovery",
+               reward_samples=60, recovery_samples=256, reward_readout="probability")
+rng = random.Random(0)
+out["recovery/probability"] = [
+    env.unwrapped.evaluate_policy(random_valid_policy(env, rng))["accuracy"] for _ in range(2)]
 print(json.dumps(out))
 """
 
@@ -59,8 +64,9 @@ def test_every_mode_is_deterministic_across_processes(tmp_path):
         )
         for _ in range(2)
     ]
-    assert set(runs[0]) == set(EVALUATIONS)
+    assert set(runs[0]) == set(EVALUATIONS) | {"recovery/probability"}
     assert runs[0] == runs[1]
+    assert runs[0]["recovery/probability"] != runs[0]["recovery"]  # the same nets, read out apart
     for mode, values in runs[0].items():
         assert all(0.0 <= v <= 1.0 for v in values), mode
 
@@ -199,6 +205,7 @@ def test_reconstruction_mode_through_the_env_on_a_mixed_model():
         ({"band_tolerance": float("nan")}, "band_tolerance"),
         ({"band_tolerance": -0.1}, "band_tolerance"),
         ({"ignored_layers": "conv1"}, "list of layer names"),
+        ({"reward_readout": "loss"}, "reward_readout must be one of 'accuracy', 'probability'"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, error):
@@ -215,3 +222,41 @@ def test_evaluate_policy_takes_only_indices_or_names(bad):
     names = base.action_names
     with pytest.raises(ValueError, match="not a mix"):
         base.evaluate_policy([names[-1]] + [base.problem.dense_action] * (base.num_layers - 1))
+
+
+def test_probability_readout_is_the_true_class_probability_of_the_scored_network(tmp_path):
+    from autosculpt_env import surrogate as sg
+    from autosculpt_env.records import EpisodeRecord, make_env
+
+    kw = dict(dataset="digits", evaluation="reconstruction", reward_samples=60)
+    plain = gym.make("AutoSculpt-ResNet", **kw).unwrapped
+    soft = gym.make("AutoSculpt-ResNet", reward_readout="probability", **kw).unwrapped
+    policy = [int(np.flatnonzero(soft.problem.valid[i])[-1]) for i in range(soft.num_layers)]
+    net = soft.pruned_model(policy)
+    with torch.no_grad():
+        p = net(soft.evaluator.images).softmax(1)
+    expected = p[torch.arange(len(p)), soft.evaluator.labels].mean().item()
+    got = soft.evaluate_policy(policy)["accuracy"]
+    assert got == pytest.approx(expected, abs=1e-6)
+    top1 = (p.argmax(1) == soft.evaluator.labels).float().mean().item()
+    assert plain.evaluate_policy(policy)["accuracy"] == pytest.approx(top1)
+    assert got != pytest.approx(top1)
+
+    # the readout is part of what a record replays and of the surrogate's key; an env at the
+    # default readout keeps the records and keys it had before readouts existed
+    assert soft.env_kwargs["reward_readout"] == "probability"
+    assert "reward_readout" not in plain.env_kwargs
+    soft.reset(seed=0)
+    done = False
+    while not done:
+        _, _, done, _, _ = soft.step(int(np.flatnonzero(soft.action_masks())[-1]))
+    rec = EpisodeRecord.from_json(soft.episode_record().to_json())
+    assert rec.env_kwargs["reward_readout"] == "probability"
+    again = make_env(rec).unwrapped
+    assert again.evaluate_policy(rec.actions)["accuracy"] == pytest.approx(
+        soft.evaluate_policy(rec.actions)["accuracy"]
+    )
+    key_soft, _ = sg.env_key(soft)
+    key_plain, _ = sg.env_key(plain)
+    assert key_soft["readout"] == "probability" and "readout" not in key_plain
+    assert {k: v for k, v in key_soft.items() if k != "readout"} == key_plain

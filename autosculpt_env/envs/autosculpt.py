@@ -26,6 +26,7 @@ from ..evaluation import (
     ProxyEvaluator,
     ReconstructionEvaluator,
     RecoveryEvaluator,
+    check_readout,
     env_settings,
 )
 from ..features import FeatureLayout, static_features
@@ -39,15 +40,19 @@ from ..surrogate import proxied_mode
 _SHARED: dict[tuple, tuple] = {}
 
 
-def _reward_evaluator(evaluation, problem, plain, dataset, data_dir, settings, seed=0):
-    """The evaluator of an ``evaluation=`` mode (the plain one serves ``accuracy``);
-    ``seed`` is the recovery pass's."""
+def _reward_evaluator(
+    evaluation, problem, plain, dataset, data_dir, settings, seed=0, readout="accuracy"
+):
+    """The evaluator of an ``evaluation=`` mode (the plain one serves ``accuracy`` read out
+    as accuracy); ``seed`` is the recovery pass's, ``readout`` the ``reward_readout=``."""
     reward_samples, recal, recovery_samples, calibration_samples, recovery_batch_size = settings
     if evaluation == "accuracy":
-        return plain
+        if readout == plain.readout:
+            return plain
+        return AccuracyEvaluator(problem, dataset, data_dir, reward_samples, recal, readout)
     if evaluation == "reconstruction":
         return ReconstructionEvaluator(
-            problem, dataset, data_dir, reward_samples, recal, calibration_samples
+            problem, dataset, data_dir, reward_samples, recal, calibration_samples, readout
         )
     return RecoveryEvaluator(
         problem,
@@ -60,6 +65,7 @@ def _reward_evaluator(evaluation, problem, plain, dataset, data_dir, settings, s
         calibration_samples=calibration_samples,
         recovery_batch_size=recovery_batch_size,
         seed=seed,
+        readout=readout,
     )
 
 
@@ -82,10 +88,13 @@ def seeded_reward_evaluator(env, seed: int) -> RecoveryEvaluator:
         kw["data_dir"],
         base.reward_settings,
         seed=int(seed),
+        readout=kw.get("reward_readout", "accuracy"),
     )
 
 
-def _shared_problem(model, dataset, data_dir, catalog, settings, evaluation, ignored, target):
+def _shared_problem(
+    model, dataset, data_dir, catalog, settings, evaluation, ignored, target, readout="accuracy"
+):
     """Build (or reuse, for zoo models in this process) the problem and its evaluators.
 
     Envs of the same configuration (e.g. the copies inside a ``SyncVectorEnv``) share the
@@ -108,17 +117,26 @@ def _shared_problem(model, dataset, data_dir, catalog, settings, evaluation, ign
         rewards = {}
 
     def evaluator_of(mode: str):
-        if mode not in rewards:
-            rewards[mode] = _reward_evaluator(mode, problem, plain, dataset, data_dir, settings)
-        return rewards[mode]
+        if (mode, readout) not in rewards:
+            rewards[mode, readout] = _reward_evaluator(
+                mode, problem, plain, dataset, data_dir, settings, readout=readout
+            )
+        return rewards[mode, readout]
 
     if evaluation == "proxy":
         mode = proxied_mode(problem.model_name, problem.catalog.name)
-        if ("proxy", target) not in rewards:
-            rewards["proxy", target] = ProxyEvaluator(
-                problem, plain, dataset, mode, settings, target, lambda: evaluator_of(mode)
+        if ("proxy", target, readout) not in rewards:
+            rewards["proxy", target, readout] = ProxyEvaluator(
+                problem,
+                plain,
+                dataset,
+                mode,
+                settings,
+                target,
+                lambda: evaluator_of(mode),
+                readout=readout,
             )
-        reward = rewards["proxy", target]
+        reward = rewards["proxy", target, readout]
     else:
         reward = evaluator_of(evaluation)
     if key is not None:
@@ -223,6 +241,11 @@ class AutoSculptEnv(gym.Env):
     * ``evaluation``: ``accuracy`` (the generic env's default), ``reconstruction``,
       ``recovery`` (the zoo ids' default), ``reconstruction+recovery`` or ``proxy``
       (:data:`autosculpt_env.evaluation.EVALUATIONS`).
+    * ``reward_readout``: how the scored network is read out on the reward images,
+      ``accuracy`` (default: top-1 accuracy) or ``probability`` (the mean probability it
+      gives the true class; :data:`autosculpt_env.evaluation.READOUTS`). The reward and the
+      ``accuracy`` of the terminal info are that value; the proxy stands for the proxied
+      mode under the same readout.
     * ``recovery_samples``: training images of the ``recovery`` modes' short fine-tuning,
       default ``None``: {RECOVERY_SAMPLES} (or the zoo model's own default), or the whole
       split when it holds fewer.
@@ -279,6 +302,7 @@ class AutoSculptEnv(gym.Env):
         recovery_batch_size: int | None = None,
         target_latency_reduction: float | None = None,
         latency_batch_size: int | None = None,
+        reward_readout: str = "accuracy",
         render_mode: str | None = None,
     ):
         if render_mode is not None:
@@ -313,6 +337,7 @@ class AutoSculptEnv(gym.Env):
             calibration_samples=calibration_samples,
         )
         recovery_batch_size = samples["recovery_batch_size"]
+        check_readout(reward_readout)
         if evaluation not in EVALUATIONS:
             raise ValueError(
                 f"unknown evaluation {evaluation!r}; choose one of {', '.join(EVALUATIONS)}"
@@ -380,6 +405,8 @@ class AutoSculptEnv(gym.Env):
             self._init_kwargs["target_latency_reduction"] = float(target_latency_reduction)
         if latency_batch_size is not None:
             self._init_kwargs["latency_batch_size"] = int(latency_batch_size)
+        if reward_readout != "accuracy":  # likewise: written only when not the default
+            self._init_kwargs["reward_readout"] = reward_readout
 
         # what every reward evaluator is built with: (reward_samples, bn_recalibration_samples,
         # recovery_samples, calibration_samples, recovery_batch_size)
@@ -399,6 +426,7 @@ class AutoSculptEnv(gym.Env):
             evaluation,
             None if ignored_layers is None else tuple(ignored_layers),
             self.target,
+            reward_readout,
         )
         p = self.problem
         self.num_layers, self.num_actions = p.num_layers, p.num_actions

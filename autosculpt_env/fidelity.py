@@ -795,6 +795,52 @@ def compute_rewards(
     return d
 
 
+def verify_rewards(
+    root: Path,
+    task: Task,
+    mode: str,
+    policies: int = 4,
+    seed: int = 0,
+    threads: int | None = None,
+    sample_seed: int = 0,
+) -> list[tuple[str, float, float]]:
+    """Score ``policies`` stored policies of a candidate again (seeded choice, search-run
+    policies first: the ones added after the rows) and return ``(policy key, stored, now)``
+    for each that does not reproduce. Run it with the thread count the file states (its
+    ``threads``, the default here; 1 where a file predates that record)."""
+    import torch
+
+    d = load_rewards(root, task, mode, seed)
+    keys = set(d["values"])
+    ps = [p for p in PolicySet.load(root, task).policies if p.key in keys]
+    if not ps:
+        return []
+    rng = random.Random(sample_seed)
+    searched = [p for p in ps if any(s.startswith("search:") for s in p.sources)]
+    rest = [p for p in ps if p not in searched]
+    pick = rng.sample(searched, min(policies, len(searched)))
+    pick += rng.sample(rest, min(policies - len(pick), len(rest)))
+    torch.set_num_threads(int(threads or d.get("threads") or 1))
+    env = make_candidate_env(task, mode)
+    base = env.unwrapped
+    if seed:
+        from .envs.autosculpt import seeded_reward_evaluator
+
+        seeded = seeded_reward_evaluator(env, seed)
+    out = []
+    try:
+        for p in pick:
+            if seed:
+                now = float(seeded(base.problem.policy_indices(p.actions)))
+            else:
+                now = float(base.evaluate_policy(p.actions)["accuracy"])
+            if now != d["values"][p.key]:
+                out.append((p.key, d["values"][p.key], now))
+    finally:
+        env.close()
+    return out
+
+
 def measure_cost(
     root: Path, task: Task, mode: str, evaluations: int = 6, threads: int = 1, seed: int = 123
 ) -> dict:

@@ -8,6 +8,7 @@ is resumable and stores each result as it is computed, so it can run in several 
     python benchmarks/reward_fidelity.py --ground-truth --jobs 2   # fine-tuning runs (hours)
     python benchmarks/reward_fidelity.py --rewards accuracy reconstruction recovery
     python benchmarks/reward_fidelity.py --rewards recovery --reward-seeds 1 2  # its seed noise
+    python benchmarks/reward_fidelity.py --verify 4            # do stored rewards reproduce?
     python benchmarks/reward_fidelity.py --cost accuracy reconstruction   # idle machine only
 
 The report (``benchmarks/fidelity/REWARD_FIDELITY.md`` and one scatter plot per task in
@@ -58,6 +59,9 @@ class Args:
     """recovery seeds the --rewards are computed under (0 is the env's reward; another seed
     measures how much a candidate's ranking depends on its training seed; recovery modes
     only)"""
+    verify: int = 0
+    """score this many stored policies of every stored candidate again (and of its seed
+    replicates) and list those that do not reproduce; exits 1 if any (0: skip)"""
     cost: list[str] = field(default_factory=list)
     """modes whose cost per evaluation is timed (run on an otherwise idle machine)"""
     jobs: int = 2
@@ -105,6 +109,19 @@ def main(args: Args) -> None:
                 fidelity.compute_rewards(
                     args.root, task, mode, threads=args.threads, progress=args.progress, seed=seed
                 )
+    stale = []
+    if args.verify:
+        for task in tasks:
+            for mode in fidelity.reported_modes(args.root, [task]):
+                if not fidelity.load_rewards(args.root, task, mode)["values"]:
+                    continue
+                for seed in [0] + fidelity.reward_seeds(args.root, task, mode):
+                    bad = fidelity.verify_rewards(args.root, task, mode, args.verify, seed)
+                    what = f"{task.name} {mode}" + (f" (recovery seed {seed})" if seed else "")
+                    print(f"{what}: " + ("reproduces" if not bad else f"{len(bad)} differ"))
+                    for key, was, now in bad:
+                        print(f"  {key}: stored {was:.4f}, now {now:.4f}")
+                    stale += [(what, b) for b in bad]
     for mode in args.cost:
         for task in tasks:
             cost = fidelity.measure_cost(args.root, task, mode, threads=args.threads)
@@ -113,6 +130,11 @@ def main(args: Args) -> None:
     reported = list(TASKS) + [t for t in tasks if t.name not in {u.name for u in TASKS}]
     out = fidelity.write_report(args.root, reported, readme=args.readme)
     print(f"report: {out}")
+    if stale:
+        raise SystemExit(
+            f"{len(stale)} stored rewards do not reproduce (listed above): delete their "
+            "files' values and run --rewards again (with the thread count the file states)"
+        )
 
 
 if __name__ == "__main__":

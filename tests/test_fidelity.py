@@ -339,3 +339,43 @@ def test_a_recovery_seed_needs_a_candidate_that_trains(root, mode, seed, message
         fidelity.compute_rewards(root, TASK, mode, progress=False, seed=seed)
     assert not (root / fidelity.task_dir_name(TASK) / "rewards").exists()  # nothing written
     assert fidelity.check_reward_seed("reconstruction+recovery", 3) == 3
+
+
+def test_verify_finds_a_stored_reward_that_does_not_reproduce(root):
+    d = fidelity.compute_rewards(root, TASK, "accuracy", progress=False)
+    assert fidelity.verify_rewards(root, TASK, "accuracy", policies=4) == []
+    path = fidelity.rewards_path(root, TASK, "accuracy")
+    stored = json.loads(path.read_text())
+    key = next(iter(stored["values"]))
+    stored["values"][key] = 0.0 if d["values"][key] > 0 else 1.0
+    path.write_text(json.dumps(stored))
+    (bad,) = fidelity.verify_rewards(root, TASK, "accuracy", policies=4)
+    assert bad == (key, stored["values"][key], d["values"][key])
+
+
+def test_the_benchmark_script_verifies_and_exits_nonzero_on_a_stale_reward(
+    root, capsys, monkeypatch
+):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reward_fidelity.py"
+    spec = importlib.util.spec_from_file_location("reward_fidelity_script", path)
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # its dataclass looks itself up there
+    spec.loader.exec_module(script)
+    args = script.Args(
+        tasks=[TASK.name], root=root, rewards=["accuracy"], readme=None, progress=False
+    )
+    script.main(args)  # computes, then reports
+    args = script.Args(tasks=[TASK.name], root=root, verify=2, readme=None, progress=False)
+    script.main(args)
+    assert f"{TASK.name} accuracy: reproduces" in capsys.readouterr().out
+    stored_path = fidelity.rewards_path(root, TASK, "accuracy")
+    stored = json.loads(stored_path.read_text())
+    stored["values"] = {k: (0.0 if v > 0 else 1.0) for k, v in stored["values"].items()}
+    stored_path.write_text(json.dumps(stored))
+    with pytest.raises(SystemExit, match="do not reproduce"):
+        script.main(args)
+    assert "2 differ" in capsys.readouterr().out

@@ -770,20 +770,7 @@ def compute_rewards(
             f"'{parse_candidate(mode)[0]}[{sorted(differ)[0]}={stored[sorted(differ)[0]]}]', or delete it"
         )
     d["env_kwargs"] = base.env_kwargs
-    if seed:
-        from .envs.autosculpt import seeded_reward_evaluator
-
-        seeded = seeded_reward_evaluator(env, seed)
-
-        def score(actions) -> float:
-            idx = base.problem.policy_indices(actions)
-            base.problem.check_policy(idx)
-            return float(seeded(idx))
-    else:
-
-        def score(actions) -> float:
-            return float(base.evaluate_policy(actions)["accuracy"])
-
+    score = _scorer(env, seed)
     desc = f"{task.name} {mode}" + (f" (recovery seed {seed})" if seed else "")
     try:
         for n, p in enumerate(tqdm(todo, desc=desc, disable=not progress), 1):
@@ -793,6 +780,24 @@ def compute_rewards(
     finally:
         env.close()
     return d
+
+
+def _scorer(env, seed: int):
+    """``actions -> reward`` of a candidate's env: its own reward (seed 0), or the same
+    reward with the recovery pass trained under ``seed``."""
+    base = env.unwrapped
+    if not seed:
+        return lambda actions: float(base.evaluate_policy(actions)["accuracy"])
+    from .envs.autosculpt import seeded_reward_evaluator
+
+    seeded = seeded_reward_evaluator(env, seed)
+
+    def score(actions) -> float:
+        idx = base.problem.policy_indices(actions)
+        base.problem.check_policy(idx)
+        return float(seeded(idx))
+
+    return score
 
 
 def verify_rewards(
@@ -822,18 +827,11 @@ def verify_rewards(
     pick += rng.sample(rest, min(policies - len(pick), len(rest)))
     torch.set_num_threads(int(threads or d.get("threads") or 1))
     env = make_candidate_env(task, mode)
-    base = env.unwrapped
-    if seed:
-        from .envs.autosculpt import seeded_reward_evaluator
-
-        seeded = seeded_reward_evaluator(env, seed)
+    score = _scorer(env, seed)
     out = []
     try:
         for p in pick:
-            if seed:
-                now = float(seeded(base.problem.policy_indices(p.actions)))
-            else:
-                now = float(base.evaluate_policy(p.actions)["accuracy"])
+            now = score(p.actions)
             if now != d["values"][p.key]:
                 out.append((p.key, d["values"][p.key], now))
     finally:

@@ -81,6 +81,11 @@ READOUTS: tuple[str, ...] = ("accuracy", "probability")
 softmax probability of the true class. Both lie in [0, 1] and equal 1 for a network that is
 always right with certainty."""
 
+DEFAULT_READOUT: str = READOUTS[0]
+"""The readout every mode uses unless ``reward_readout=`` names another. An env at it writes
+no ``reward_readout`` into its records and no readout into a surrogate's key, so records and
+surrogates from before the readout existed still match."""
+
 
 def check_readout(readout) -> str:
     """``readout`` if it is one of :data:`READOUTS`, else a ValueError naming them."""
@@ -179,7 +184,7 @@ class AccuracyEvaluator:
         data_dir=None,
         reward_samples: int = REWARD_SAMPLES,
         bn_recalibration_samples: int = BN_RECALIBRATION_SAMPLES,
-        readout: str = "accuracy",
+        readout: str = DEFAULT_READOUT,
     ):
         self.problem = problem
         self.readout = check_readout(readout)
@@ -267,7 +272,7 @@ class ReconstructionEvaluator(AccuracyEvaluator):
         reward_samples: int = REWARD_SAMPLES,
         bn_recalibration_samples: int = BN_RECALIBRATION_SAMPLES,
         calibration_samples: int = CALIBRATION_SAMPLES,
-        readout: str = "accuracy",
+        readout: str = DEFAULT_READOUT,
     ):
         calib = train_subset(dataset, calibration_samples, data_dir, "calibration_samples").images
         self.reconstruction = Reconstruction(problem, calib)
@@ -366,7 +371,7 @@ class RecoveryEvaluator(AccuracyEvaluator):
         calibration_samples: int = CALIBRATION_SAMPLES,
         recovery_batch_size: int = RECOVERY_BATCH_SIZE,
         seed: int = 0,
-        readout: str = "accuracy",
+        readout: str = DEFAULT_READOUT,
     ):
         self.seed = int(seed)
         self.recovery_data = train_subset(dataset, recovery_samples, data_dir, "recovery_samples")
@@ -426,7 +431,7 @@ class ProxyEvaluator:
         target: float,
         evaluator,
         progress: bool = True,
-        readout: str = "accuracy",
+        readout: str = DEFAULT_READOUT,
     ):
         from . import surrogate
 

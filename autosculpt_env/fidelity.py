@@ -4,12 +4,14 @@ A reward (an ``evaluation=`` mode of the env) is a measurement of the leaderboar
 (:func:`autosculpt_env.scoring.score_policy`: test accuracy after the fixed fine-tuning).
 This module measures how good a measurement it is, per leaderboard task:
 
-* a fixed, stored **policy set** (:class:`PolicySet`) in two parts. The *competitive* set
-  holds the best policies that searches actually find (the committed leaderboard rows'
-  policies and the best policies of further search runs): the region where the leaderboard
-  ranks, and the set every goal is judged on. The *broad* set holds seeded random valid
-  policies and mutations of competitive ones, for context only (a wide spread of quality
-  makes any reward look good);
+* a fixed, stored **policy set** (:class:`PolicySet`) in up to three parts (:data:`SETS`).
+  The *competitive* set holds the best policies that searches actually find (the committed
+  leaderboard rows' policies and the best policies of further search runs): the region where
+  the leaderboard ranks, and the set every goal is judged on. The *holdout* set holds more
+  policies found the same way (search runs under other seeds), added after candidates were
+  compared on the competitive set: a choice made there is confirmed here, on policies it was
+  not made on. The *broad* set holds seeded random valid policies and mutations of
+  competitive ones, for context only (a wide spread of quality makes any reward look good);
 * the **ground truth**: each policy's score under two fine-tuning seeds
   (:data:`GROUND_TRUTH_SEEDS`). The rank correlation between the two seeds is the **noise
   ceiling**, the agreement no reward can be expected to beat; a reward is compared with the
@@ -58,6 +60,10 @@ from .leaderboard.run import search_reward_identity
 from .readme_blocks import update_block
 from .records import atomic_write_text
 
+SETS: tuple[str, ...] = ("competitive", "holdout", "broad")
+"""The parts of a policy set, by precedence: a policy found again for another part keeps the
+earlier part here (a competitive policy a holdout search finds is not held out)."""
+
 GROUND_TRUTH_SEEDS: tuple[int, ...] = (1, 2)
 """Fine-tuning seeds of the ground truth (the leaderboard seeds fine-tuning with its run's
 seed, so these are two of the seeds its rows use)."""
@@ -94,7 +100,7 @@ class PolicyEntry:
     """One stored policy: its action names, which set it belongs to, where it came from."""
 
     actions: list[str]
-    set: str  # "competitive" or "broad"
+    set: str  # one of SETS
     sources: list[str] = field(default_factory=list)
 
     @property
@@ -110,15 +116,17 @@ class PolicySet:
     policies: list[PolicyEntry]
 
     def add(self, actions: Sequence[str], set_name: str, source: str) -> bool:
-        """Add a policy (or a source to a stored one); a competitive entry stays competitive.
-        Returns whether the policy is new."""
+        """Add a policy (or a source to a stored one); a stored entry moves only to a part
+        earlier in :data:`SETS`. Returns whether the policy is new."""
+        if set_name not in SETS:
+            raise ValueError(f"unknown policy set {set_name!r}; choose one of {', '.join(SETS)}")
         key = policy_key(actions)
         for p in self.policies:
             if p.key == key:
                 if source not in p.sources:
                     p.sources.append(source)
-                if set_name == "competitive":
-                    p.set = "competitive"
+                if SETS.index(set_name) < SETS.index(p.set):
+                    p.set = set_name
                 return False
         self.policies.append(PolicyEntry(list(actions), set_name, [source]))
         return True
@@ -153,7 +161,7 @@ class PolicySet:
             acts, set_name = p.get("actions"), p.get("set")
             if not (isinstance(acts, list) and all(isinstance(a, str) for a in acts)):
                 raise ValueError(f"{path}: policy {i} has no list of action names")
-            if set_name not in ("competitive", "broad"):
+            if set_name not in SETS:
                 raise ValueError(f"{path}: policy {i} has set {set_name!r}")
             out.policies.append(PolicyEntry(acts, set_name, [str(s) for s in p.get("sources", [])]))
         return out
@@ -438,7 +446,7 @@ def ground_truth_jobs(
 def run_ground_truth(
     root: Path,
     tasks: Iterable[Task] = TASKS,
-    sets: Sequence[str] = ("competitive", "broad"),
+    sets: Sequence[str] = SETS,
     seeds: Sequence[int] = GROUND_TRUTH_SEEDS,
     jobs: int = 1,
     threads: int = 1,
@@ -545,16 +553,21 @@ def build_policy_set(
     broad_mutations: int = 12,
     workdir: Path = Path("benchmarks/runs/fidelity"),
     progress: bool = True,
+    search_set: str = "competitive",
 ) -> PolicySet:
     """Build or extend a task's stored policy set (each step is skipped once done).
 
     Competitive: the committed rows' best policies, then the best policy of every
-    (agent, seed) search run (``max_reward_evaluations`` evaluations of ``evaluation``).
+    (agent, seed) search run (``max_reward_evaluations`` evaluations of ``evaluation``);
+    with ``search_set="holdout"`` those search runs fill the holdout set instead (give them
+    seeds the competitive set's searches did not use).
     Broad: seeded random valid policies and mutations of competitive ones (drawn once; a
     stored set is never redrawn).
     """
     from tqdm.auto import tqdm
 
+    if search_set not in ("competitive", "holdout"):
+        raise ValueError(f"search runs fill the competitive or holdout set, not {search_set!r}")
     ps = PolicySet.load(root, task)
     if rows_dir is not None:
         add_row_policies(ps, rows_dir)
@@ -565,7 +578,7 @@ def build_policy_set(
         if any(source in p.sources for p in ps.policies):
             continue
         best = search_best_policy(task, agent, seed, workdir, max_reward_evaluations, evaluation)
-        ps.add(best, "competitive", source)
+        ps.add(best, search_set, source)
         ps.save(root)
     if not ps.of("broad") and (broad_random or broad_mutations):
         env = make_task_env(task)
@@ -972,6 +985,7 @@ def verdict(table: dict) -> str:
     cost_ok = bool(cost) and cost["ratio"] <= GOAL_COST
     met = a.spearman >= goal
     fresh = entry.get("searches_only")
+    held = entry.get("holdout")
     reps = [r for r in entry.get("seeds", []) if r.n == a.n]
     seeds_s = (
         ""
@@ -991,6 +1005,7 @@ def verdict(table: dict) -> str:
             if fresh is None
             else f"; on the {fresh.n} search-run policies alone: ρ {_fmt(fresh, 'rho')}"
         )
+        + ("" if held is None else f"; on the {held.n} holdout policies: ρ {_fmt(held, 'rho')}")
     )
 
 
@@ -1014,7 +1029,7 @@ def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:
     seeds = GROUND_TRUTH_SEEDS
     complete = {k: v for k, v in gt.items() if all(s in v for s in seeds)}
     out = {"task": task.name, "sets": {}, "modes": {}, "default": default_mode(task)}
-    for set_name in ("competitive", "broad"):
+    for set_name in SETS:
         members = ps.of(set_name)
         keys = [p.key for p in members if p.key in complete]
         info = {"policies": len(members), "with_ground_truth": len(keys)}
@@ -1125,11 +1140,14 @@ def render_report(tables: list[dict]) -> str:
         "multiple of a bare dense forward over the same reward images, timed in one run. "
         "Other recovery seeds: the same candidate with its recovery pass trained under "
         "another seed (the env's reward uses 0), as `seed: ρ (ρ with the seed-0 reward)`; "
-        "the intervals resample policies, not this training noise.",
+        "the intervals resample policies, not this training noise. "
+        "Holdout: more policies found the same way (search runs under other seeds), added "
+        "after the candidates were compared on the competitive set, so a choice made there "
+        "is tested on policies it was not made on.",
         "",
         "| task | policies (with ground truth) | ceiling ρ | mode | ρ | τ "
-        "| other recovery seeds | ρ on broad set | cost |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| other recovery seeds | ρ on holdout set | ρ on broad set | cost |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in tables:
         comp = t["sets"]["competitive"]
@@ -1152,13 +1170,14 @@ def render_report(tables: list[dict]) -> str:
                 + f"| {name} | {_fmt(entry.get('competitive'), 'rho')} | "
                 + f"{_fmt(entry.get('competitive'), 'tau')} | "
                 + f"{_fmt_seeds(entry.get('seeds', []))} | "
+                + f"{_fmt(entry.get('holdout'), 'rho')} | "
                 + f"{_fmt(entry.get('broad'), 'rho')} | {cost_s} |"
             )
             first = False
         if first:
             lines.append(
                 f"| {t['task']} | {comp['policies']} ({comp['with_ground_truth']}) | {ceiling} "
-                "| – | – | – | – | – | – |"
+                "| – | – | – | – | – | – | – |"
             )
     lines += [
         "",
@@ -1174,6 +1193,23 @@ def render_report(tables: list[dict]) -> str:
         "",
         *[f"- {proxy_verdict(t)}" for t in tables],
     ]
+    held = [t for t in tables if t["sets"].get("holdout", {}).get("policies")]
+    if held:
+        lines += [
+            "",
+            "Holdout set per task: policies with ground truth, and the ceiling there: "
+            + ", ".join(
+                f"{t['task']} {t['sets']['holdout']['with_ground_truth']}/"
+                f"{t['sets']['holdout']['policies']}"
+                + (
+                    f" (ceiling ρ {_fmt(t['sets']['holdout']['ceiling'], 'rho')})"
+                    if t["sets"]["holdout"].get("ceiling")
+                    else ""
+                )
+                for t in held
+            )
+            + ".",
+        ]
     lines += [
         "",
         "Broad set (seeded random valid policies and mutations of competitive ones; context "
@@ -1189,7 +1225,8 @@ def render_report(tables: list[dict]) -> str:
 
 
 def plot_task(root: Path, task: Task, modes: Sequence[str], out: Path) -> Path | None:
-    """Scatter of each mode's reward against the score (competitive filled, broad hollow)."""
+    """Scatter of each mode's reward against the score (competitive filled, holdout
+    crosses, broad hollow)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1207,16 +1244,21 @@ def plot_task(root: Path, task: Task, modes: Sequence[str], out: Path) -> Path |
     fig, axes = plt.subplots(1, len(modes), figsize=(3.2 * len(modes), 3.2), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         values = load_rewards(root, task, mode)["values"]
-        for set_name, style in (("competitive", {}), ("broad", {"facecolors": "none"})):
+        styles = {
+            "competitive": {"color": "C0"},
+            "holdout": {"color": "C2", "marker": "x"},
+            "broad": {"facecolors": "none", "edgecolors": "C1"},
+        }
+        for set_name in SETS:
             keys = [p.key for p in ps.of(set_name) if p.key in gt and p.key in values]
-            ax.scatter(
-                [100 * values[k] for k in keys],
-                [100 * gt[k] for k in keys],
-                s=14,
-                edgecolors="C0" if set_name == "competitive" else "C1",
-                label=set_name,
-                **({"color": "C0"} if not style else style),
-            )
+            if keys:
+                ax.scatter(
+                    [100 * values[k] for k in keys],
+                    [100 * gt[k] for k in keys],
+                    s=14,
+                    label=set_name,
+                    **styles[set_name],
+                )
         ax.set_title(mode, fontsize=9)
         ax.set_xlabel("reward accuracy (%)", fontsize=8)
         ax.set_ylabel("score: test acc. after FT (%)", fontsize=8)

@@ -69,6 +69,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from . import zoo
+from .evaluation import DEFAULT_READOUT
 from .policy_collection import Collection, Design, EvaluationStore, collect
 from .problem import PruningProblem
 from .records import default_file_mode
@@ -142,7 +143,7 @@ def config_key(
     dataset: str,
     mode: str,
     settings: tuple[int, int, int, int, int],
-    readout: str = "accuracy",
+    readout: str = DEFAULT_READOUT,
 ) -> dict:
     """Everything that decides the accuracy a reward mode gives a policy.
 
@@ -196,7 +197,7 @@ def config_key(
         "mode": mode,
         "mode_settings": mode_settings,
     }
-    if readout != "accuracy":
+    if readout != DEFAULT_READOUT:
         key["readout"] = readout
     return json.loads(json.dumps(key))  # as a file stores it (tuples become lists)
 
@@ -215,7 +216,7 @@ def env_key(env) -> tuple[dict, str]:
         base.env_kwargs["dataset"],
         mode,
         base.reward_settings,
-        base.env_kwargs.get("reward_readout", "accuracy"),
+        base.env_kwargs.get("reward_readout", DEFAULT_READOUT),
     )
     return key, mode
 

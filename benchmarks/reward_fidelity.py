@@ -5,6 +5,7 @@ is resumable and stores each result as it is computed, so it can run in several 
 
     python benchmarks/reward_fidelity.py                       # report from stored results
     python benchmarks/reward_fidelity.py --policies            # build / extend the policy sets
+    python benchmarks/reward_fidelity.py --policies --search-set holdout --search-seeds 16 17
     python benchmarks/reward_fidelity.py --ground-truth --jobs 2   # fine-tuning runs (hours)
     python benchmarks/reward_fidelity.py --rewards accuracy reconstruction recovery
     python benchmarks/reward_fidelity.py --rewards recovery --reward-seeds 1 2  # its seed noise
@@ -45,13 +46,16 @@ class Args:
     """reward evaluations per search run"""
     search_evaluation: str = fidelity.SEARCH_EVALUATION
     """the evaluation= mode the search runs optimise"""
+    search_set: str = "competitive"
+    """the set those search runs fill: competitive, or holdout (policies kept apart to test a
+    choice made on the competitive set; use seeds the competitive searches did not)"""
     broad_random: int = 12
     """seeded random valid policies in the broad set"""
     broad_mutations: int = 12
     """mutations of competitive policies in the broad set"""
     ground_truth: bool = False
     """run the missing fine-tuning runs (the leaderboard's score under two seeds)"""
-    sets: list[str] = field(default_factory=lambda: ["competitive", "broad"])
+    sets: list[str] = field(default_factory=lambda: list(fidelity.SETS))
     """which policy sets get ground truth, in this order"""
     rewards: list[str] = field(default_factory=list)
     """candidate rewards (evaluation modes) to compute for every stored policy"""
@@ -77,6 +81,11 @@ class Args:
 def main(args: Args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     tasks = [Task.parse(t) for t in args.tasks]
+    unknown = [s for s in args.sets if s not in fidelity.SETS]
+    if unknown:
+        raise SystemExit(
+            f"--sets {' '.join(unknown)}: no such set; choose from {' '.join(fidelity.SETS)}"
+        )
     if args.policies:
         for task in tasks:
             fidelity.build_policy_set(
@@ -90,6 +99,7 @@ def main(args: Args) -> None:
                 broad_random=args.broad_random,
                 broad_mutations=args.broad_mutations,
                 progress=args.progress,
+                search_set=args.search_set,
             )
     if args.ground_truth:
         fidelity.run_ground_truth(

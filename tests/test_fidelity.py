@@ -246,6 +246,58 @@ def test_verdict_reports_the_default_on_search_policies_alone(root):
     assert "on the 4 search-run policies alone: ρ -1.00" in line
 
 
+def test_holdout_searches_fill_a_set_reported_apart(root, monkeypatch):
+    """Search runs sent to the holdout set are scored there and not in the competitive
+    figures; a policy a competitive search also found is not held out."""
+    env = fidelity.make_task_env(TASK, evaluation="accuracy")
+    names, rng = env.unwrapped.action_names, random.Random(2)
+    ps = fidelity.PolicySet.load(root, TASK)
+    known = {p.key for p in ps.policies}
+    fresh = []
+    while len(fresh) < 4:
+        actions = [names[a] for a in fidelity.random_valid_policy(env, rng)]
+        if fidelity.policy_key(actions) not in known | {fidelity.policy_key(f) for f in fresh}:
+            fresh.append(actions)
+    env.close()
+    found = {11: ps.policies[0].actions, 16: fresh[0], 17: fresh[1], 18: fresh[2], 19: fresh[3]}
+    monkeypatch.setattr(fidelity, "search_best_policy", lambda task, agent, seed, *a: found[seed])
+    with pytest.raises(ValueError, match="competitive or holdout set, not 'broad'"):
+        fidelity.build_policy_set(root, TASK, None, ["random_search"], [16], search_set="broad")
+    fidelity.build_policy_set(
+        root, TASK, None, ["random_search"], [11, 16, 17, 18, 19], broad_random=0,
+        broad_mutations=0, progress=False, search_set="holdout",
+    )  # fmt: skip
+    ps = fidelity.PolicySet.load(root, TASK)
+    assert [p.actions for p in ps.of("holdout")] == fresh
+    assert len(ps.of("competitive")) == 4  # seed 11's policy was competitive already
+    assert "search:random_search:seed11:accuracy50" in ps.policies[0].sources
+    assert len(fidelity.ground_truth_jobs(root, [TASK], ["holdout"], (1,))) == 4
+    # a competitive search that finds a held-out policy takes it out of the holdout set
+    again = fidelity.PolicySet.load(root, TASK)
+    again.add(fresh[3], "competitive", "search:ppo_gnn:seed12:accuracy50")
+    assert [p.actions for p in again.of("holdout")] == fresh[:3]
+    with pytest.raises(ValueError, match="unknown policy set 'validation'"):
+        again.add(fresh[0], "validation", "test")
+    # the default ranks the competitive policies with the score and the held-out ones
+    # against it: each figure sees only its own set
+    _store_ground_truth(root, ps, [0.5, 0.6, 0.7, 0.8, 0.1, 0.2, 0.3, 0.4])
+    values = dict(zip([p.key for p in ps.policies], [0.5, 0.6, 0.7, 0.8, 0.4, 0.3, 0.2, 0.1]))
+    fidelity.atomic_write_json(
+        fidelity.rewards_path(root, TASK, "recovery"),
+        {"mode": "recovery", "task": TASK.name, "cost": None, "values": values},
+    )
+    table = fidelity.task_table(root, TASK, ["recovery"])
+    assert table["modes"]["recovery"]["competitive"].spearman == pytest.approx(1.0)
+    assert table["modes"]["recovery"]["holdout"].spearman == pytest.approx(-1.0)
+    assert "on the 4 holdout policies: ρ -1.00" in fidelity.verdict(table)
+    text = fidelity.write_report(root, [TASK]).read_text()
+    assert "| **recovery** (default) | 1.00" in text
+    assert (
+        f"Holdout set per task: policies with ground truth, and the ceiling there: {TASK.name} 4/4"
+        in text
+    )
+
+
 def test_ground_truth_runs_once_and_is_validated(root):
     ps = fidelity.PolicySet.load(root, TASK)
     p = ps.policies[0]

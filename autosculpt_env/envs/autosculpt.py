@@ -18,6 +18,7 @@ from ..band import env_within_band, max_kept
 from ..evaluation import (
     BN_RECALIBRATION_SAMPLES,
     CALIBRATION_SAMPLES,
+    DEFAULT_READOUT,
     EVALUATIONS,
     RECOVERY_BATCH_SIZE,
     RECOVERY_SAMPLES,
@@ -41,7 +42,7 @@ _SHARED: dict[tuple, tuple] = {}
 
 
 def _reward_evaluator(
-    evaluation, problem, plain, dataset, data_dir, settings, seed=0, readout="accuracy"
+    evaluation, problem, plain, dataset, data_dir, settings, seed=0, readout=DEFAULT_READOUT
 ):
     """The evaluator of an ``evaluation=`` mode (the plain one serves ``accuracy`` read out
     as accuracy); ``seed`` is the recovery pass's, ``readout`` the ``reward_readout=``."""
@@ -88,12 +89,20 @@ def seeded_reward_evaluator(env, seed: int) -> RecoveryEvaluator:
         kw["data_dir"],
         base.reward_settings,
         seed=int(seed),
-        readout=kw.get("reward_readout", "accuracy"),
+        readout=kw.get("reward_readout", DEFAULT_READOUT),
     )
 
 
 def _shared_problem(
-    model, dataset, data_dir, catalog, settings, evaluation, ignored, target, readout="accuracy"
+    model,
+    dataset,
+    data_dir,
+    catalog,
+    settings,
+    evaluation,
+    ignored,
+    target,
+    readout=DEFAULT_READOUT,
 ):
     """Build (or reuse, for zoo models in this process) the problem and its evaluators.
 
@@ -302,7 +311,7 @@ class AutoSculptEnv(gym.Env):
         recovery_batch_size: int | None = None,
         target_latency_reduction: float | None = None,
         latency_batch_size: int | None = None,
-        reward_readout: str = "accuracy",
+        reward_readout: str = DEFAULT_READOUT,
         render_mode: str | None = None,
     ):
         if render_mode is not None:
@@ -405,7 +414,7 @@ class AutoSculptEnv(gym.Env):
             self._init_kwargs["target_latency_reduction"] = float(target_latency_reduction)
         if latency_batch_size is not None:
             self._init_kwargs["latency_batch_size"] = int(latency_batch_size)
-        if reward_readout != "accuracy":  # likewise: written only when not the default
+        if reward_readout != DEFAULT_READOUT:  # likewise: written only when not the default
             self._init_kwargs["reward_readout"] = reward_readout
 
         # what every reward evaluator is built with: (reward_samples, bn_recalibration_samples,

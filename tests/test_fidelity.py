@@ -286,10 +286,22 @@ def test_holdout_searches_fill_a_set_reported_apart(root, monkeypatch):
         fidelity.rewards_path(root, TASK, "recovery"),
         {"mode": "recovery", "task": TASK.name, "cost": None, "values": values},
     )
+    # under recovery seed 1 the reward ranks the held-out policies with the score
+    seed1 = {
+        k: (0.5 - v if k in {p.key for p in ps.of("holdout")} else v) for k, v in values.items()
+    }
+    fidelity.atomic_write_json(
+        fidelity.rewards_path(root, TASK, "recovery", 1),
+        {"mode": "recovery", "task": TASK.name, "cost": None, "values": seed1, "recovery_seed": 1},
+    )
     table = fidelity.task_table(root, TASK, ["recovery"])
     assert table["modes"]["recovery"]["competitive"].spearman == pytest.approx(1.0)
     assert table["modes"]["recovery"]["holdout"].spearman == pytest.approx(-1.0)
-    assert "on the 4 holdout policies: ρ -1.00" in fidelity.verdict(table)
+    assert [(r.seed, r.spearman) for r in table["modes"]["recovery"]["holdout_seeds"]] == [
+        (1, pytest.approx(1.0))
+    ]
+    assert "on the 4 holdout policies: ρ -1.00 [" in fidelity.verdict(table)
+    assert "; seeds 1: 1.00" in fidelity.verdict(table)
     text = fidelity.write_report(root, [TASK]).read_text()
     assert "| **recovery** (default) | 1.00" in text
     assert (

@@ -610,13 +610,15 @@ def parse_candidate(spec: str) -> tuple[str, dict]:
 def mode_settings(mode: str) -> dict:
     """The env settings ``mode`` reads, at the env's common defaults, not a zoo model's own
     (what a candidate spec leaves unsaid): ``{"recovery_samples": 1024,
-    "recovery_batch_size": 16}`` for ``recovery``."""
-    from .evaluation import MODE_SETTINGS, RECOVERY_BATCH_SIZE, SAMPLE_SETTINGS
+    "recovery_batch_size": 16, "reward_readout": "accuracy"}`` for ``recovery`` (every mode
+    reads the readout)."""
+    from .evaluation import DEFAULT_READOUT, MODE_SETTINGS, RECOVERY_BATCH_SIZE, SAMPLE_SETTINGS
 
     defaults = {k: v[1] for k, v in SAMPLE_SETTINGS.items()}
     defaults["recovery_batch_size"] = RECOVERY_BATCH_SIZE
     parts = mode.split("+")
-    return {k: defaults[k] for part in parts for k in MODE_SETTINGS.get(part, ())}
+    out = {k: defaults[k] for part in parts for k in MODE_SETTINGS.get(part, ())}
+    return {**out, "reward_readout": DEFAULT_READOUT}
 
 
 def candidate_spec(mode: str, settings: dict) -> str:

@@ -87,6 +87,7 @@ def test_a_candidate_means_one_reward_on_every_task_and_the_default_names_its_se
         "evaluation": "recovery",
         "recovery_samples": RECOVERY_SAMPLES,
         "recovery_batch_size": RECOVERY_BATCH_SIZE,
+        "reward_readout": "accuracy",
     }
     assert fidelity.candidate_kwargs(fidelity.default_mode(own))["recovery_samples"] == 64
     # spelled with the defaults' values, a candidate is the plain mode

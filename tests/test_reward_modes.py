@@ -260,3 +260,39 @@ def test_probability_readout_is_the_true_class_probability_of_the_scored_network
     key_plain, _ = sg.env_key(plain)
     assert key_soft["readout"] == "probability" and "readout" not in key_plain
     assert {k: v for k, v in key_soft.items() if k != "readout"} == key_plain
+
+
+def test_a_zoo_models_own_readout_applies_is_recorded_and_names_the_default(monkeypatch):
+    """A zoo model may default to another readout (``zoo.ZooModel.env_defaults``): an env
+    that leaves ``reward_readout`` at None uses it and writes it into its record (so the
+    record replays under any defaults), a value given wins, and the fidelity benchmark's
+    default candidate for the model's tasks spells it."""
+    import dataclasses
+
+    from autosculpt_env import fidelity, zoo
+    from autosculpt_env.leaderboard import Task
+    from autosculpt_env.records import make_env
+
+    own = dataclasses.replace(zoo.ZOO["resnet20"], env_defaults={"reward_readout": "probability"})
+    monkeypatch.setitem(zoo.ZOO, "resnet20", own)
+    kw = dict(dataset="digits", evaluation="reconstruction", reward_samples=60)
+    soft = gym.make("AutoSculpt-ResNet", **kw).unwrapped
+    assert soft.env_kwargs["reward_readout"] == "probability"
+    given = gym.make("AutoSculpt-ResNet", reward_readout="accuracy", **kw).unwrapped
+    assert "reward_readout" not in given.env_kwargs
+    policy = [int(np.flatnonzero(soft.problem.valid[i])[-1]) for i in range(soft.num_layers)]
+    assert soft.evaluate_policy(policy)["accuracy"] != given.evaluate_policy(policy)["accuracy"]
+    assert fidelity.default_mode(Task("AutoSculpt-ResNet", 0.5)) == (
+        "recovery[reward_readout=probability]"
+    )
+    # a candidate's name means one reward whatever the model's own defaults: plain
+    # "recovery" gives the readout explicitly
+    assert fidelity.candidate_kwargs("recovery")["reward_readout"] == "accuracy"
+    soft.reset(seed=0)
+    done = False
+    while not done:
+        _, _, done, _, _ = soft.step(int(np.flatnonzero(soft.action_masks())[-1]))
+    record = soft.episode_record()
+    monkeypatch.setitem(zoo.ZOO, "resnet20", dataclasses.replace(own, env_defaults={}))
+    again = make_env(record).unwrapped
+    assert again.env_kwargs["reward_readout"] == "probability"

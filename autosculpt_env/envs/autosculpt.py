@@ -251,8 +251,9 @@ class AutoSculptEnv(gym.Env):
       ``recovery`` (the zoo ids' default), ``reconstruction+recovery`` or ``proxy``
       (:data:`autosculpt_env.evaluation.EVALUATIONS`).
     * ``reward_readout``: how the scored network is read out on the reward images,
-      ``accuracy`` (default: top-1 accuracy) or ``probability`` (the mean probability it
-      gives the true class; :data:`autosculpt_env.evaluation.READOUTS`). The reward and the
+      ``accuracy`` (top-1 accuracy) or ``probability`` (the mean probability it gives the
+      true class; :data:`autosculpt_env.evaluation.READOUTS`); default ``None``:
+      ``accuracy`` (or the zoo model's own default). The reward and the
       ``accuracy`` of the terminal info are that value; the proxy stands for the proxied
       mode under the same readout.
     * ``recovery_samples``: training images of the ``recovery`` modes' short fine-tuning,
@@ -311,7 +312,7 @@ class AutoSculptEnv(gym.Env):
         recovery_batch_size: int | None = None,
         target_latency_reduction: float | None = None,
         latency_batch_size: int | None = None,
-        reward_readout: str = DEFAULT_READOUT,
+        reward_readout: str | None = None,
         render_mode: str | None = None,
     ):
         if render_mode is not None:
@@ -346,6 +347,10 @@ class AutoSculptEnv(gym.Env):
             calibration_samples=calibration_samples,
         )
         recovery_batch_size = samples["recovery_batch_size"]
+        if reward_readout is None:  # the zoo model's own default, else the env's
+            from .. import zoo
+
+            reward_readout = zoo.env_defaults(model).get("reward_readout", DEFAULT_READOUT)
         check_readout(reward_readout)
         if evaluation not in EVALUATIONS:
             raise ValueError(

@@ -1115,9 +1115,8 @@ def _fmt_holdout(entry: dict) -> str:
     if not reps:
         return _fmt(entry.get("holdout"), "rho")
     seeds = ", ".join(str(r.seed) for r in reps)
-    return f"{_fmt(entry.get('holdout'), 'rho')}; seeds {seeds}: " + ", ".join(
-        f"{r.spearman:.2f}" for r in reps
-    )
+    values = ", ".join(f"{r.spearman:.2f}" for r in reps)
+    return f"{_fmt(entry.get('holdout'), 'rho')} (seeds {seeds}: {values})"
 
 
 def _fmt(a: Agreement | None, which: str) -> str:

@@ -302,7 +302,7 @@ def test_holdout_searches_fill_a_set_reported_apart(root, monkeypatch):
         (1, pytest.approx(1.0))
     ]
     assert "on the 4 holdout policies: ρ -1.00 [" in fidelity.verdict(table)
-    assert "; seeds 1: 1.00" in fidelity.verdict(table)
+    assert " (seeds 1: 1.00)" in fidelity.verdict(table)
     text = fidelity.write_report(root, [TASK]).read_text()
     assert "| **recovery** (default) | 1.00" in text
     assert (

@@ -312,17 +312,17 @@ reward-fidelity report has every task's figures and costs)."""
 
 
 def env_settings(
-    model, dataset: str, data_dir=None, recovery_batch_size=None, **counts
-) -> dict[str, int]:
-    """The image counts (:data:`SAMPLE_SETTINGS`) and ``recovery_batch_size`` an env of
-    ``model`` on ``dataset`` uses, as its record states them: a value given is used as given
-    (a count refused past its split), one left at ``None`` takes the zoo model's own default
-    (``zoo.ZooModel.env_defaults``) or the env's, a count cut to its split when it holds
-    fewer (:func:`sample_settings`).
+    model, dataset: str, data_dir=None, recovery_batch_size=None, reward_readout=None, **counts
+) -> dict:
+    """The image counts (:data:`SAMPLE_SETTINGS`), ``recovery_batch_size`` and
+    ``reward_readout`` an env of ``model`` on ``dataset`` uses, as its record states them: a
+    value given is used as given (a count refused past its split), one left at ``None`` takes
+    the zoo model's own default (``zoo.ZooModel.env_defaults``) or the env's, a count cut to
+    its split when it holds fewer (:func:`sample_settings`).
 
     Raises:
-        ValueError: a batch size that is not an integer >= 1, or a count
-            :func:`sample_settings` refuses.
+        ValueError: a batch size that is not an integer >= 1, a readout not in
+            :data:`READOUTS`, or a count :func:`sample_settings` refuses.
     """
     from . import zoo
 
@@ -337,8 +337,11 @@ def env_settings(
         raise ValueError(
             f"recovery_batch_size must be an integer >= 1, got {recovery_batch_size!r}"
         )
+    if reward_readout is None:
+        reward_readout = own.get("reward_readout", DEFAULT_READOUT)
     out = sample_settings(dataset, data_dir, own, **counts)
     out["recovery_batch_size"] = int(recovery_batch_size)
+    out["reward_readout"] = check_readout(reward_readout)
     return out
 
 

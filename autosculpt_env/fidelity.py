@@ -1257,14 +1257,14 @@ def plot_task(root: Path, task: Task, modes: Sequence[str], out: Path) -> Path |
     modes = [m for m in modes if load_rewards(root, task, m)["values"]]
     if not gt or not modes:
         return None
+    styles = {
+        "competitive": {"color": "C0"},
+        "holdout": {"color": "C2", "marker": "x"},
+        "broad": {"facecolors": "none", "edgecolors": "C1"},
+    }
     fig, axes = plt.subplots(1, len(modes), figsize=(3.2 * len(modes), 3.2), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         values = load_rewards(root, task, mode)["values"]
-        styles = {
-            "competitive": {"color": "C0"},
-            "holdout": {"color": "C2", "marker": "x"},
-            "broad": {"facecolors": "none", "edgecolors": "C1"},
-        }
         for set_name in SETS:
             keys = [p.key for p in ps.of(set_name) if p.key in gt and p.key in values]
             if keys:

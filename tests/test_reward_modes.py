@@ -271,6 +271,7 @@ def test_a_zoo_models_own_readout_applies_is_recorded_and_names_the_default(monk
 
     from autosculpt_env import fidelity, zoo
     from autosculpt_env.leaderboard import Task
+    from autosculpt_env.leaderboard.protocol import Protocol, env_kwargs_problems, task_env_kwargs
     from autosculpt_env.records import make_env
 
     own = dataclasses.replace(zoo.ZOO["resnet20"], env_defaults={"reward_readout": "probability"})
@@ -282,6 +283,15 @@ def test_a_zoo_models_own_readout_applies_is_recorded_and_names_the_default(monk
     assert "reward_readout" not in given.env_kwargs
     policy = [int(np.flatnonzero(soft.problem.valid[i])[-1]) for i in range(soft.num_layers)]
     assert soft.evaluate_policy(policy)["accuracy"] != given.evaluate_policy(policy)["accuracy"]
+    # the leaderboard expects of a task's records what the env writes
+    expected = task_env_kwargs(Task("AutoSculpt-ResNet", 0.5), Protocol(dataset="digits"))
+    assert expected["reward_readout"] == "probability"
+    assert not [p for p in env_kwargs_problems(soft.env_kwargs, expected) if "readout" in p]
+    assert [
+        p
+        for p in env_kwargs_problems(given.env_kwargs | {"reward_readout": "accuracy"}, expected)
+        if "readout" in p
+    ]
     assert fidelity.default_mode(Task("AutoSculpt-ResNet", 0.5)) == (
         "recovery[reward_readout=probability]"
     )

@@ -27,7 +27,6 @@ from ..evaluation import (
     ProxyEvaluator,
     ReconstructionEvaluator,
     RecoveryEvaluator,
-    check_readout,
     env_settings,
 )
 from ..features import FeatureLayout, static_features
@@ -335,7 +334,8 @@ class AutoSculptEnv(gym.Env):
                 f"target_flops_reduction must be in (0, 1), got {target_flops_reduction}"
             )
         # image counts as used (never cut to a split's size behind the record's back, save
-        # a default) and the recovery batch size; None takes the zoo model's own default
+        # a default), the recovery batch size and the readout; None takes the zoo model's
+        # own default
         samples = env_settings(
             model,
             dataset,
@@ -345,13 +345,10 @@ class AutoSculptEnv(gym.Env):
             bn_recalibration_samples=bn_recalibration_samples,
             recovery_samples=recovery_samples,
             calibration_samples=calibration_samples,
+            reward_readout=reward_readout,
         )
         recovery_batch_size = samples["recovery_batch_size"]
-        if reward_readout is None:  # the zoo model's own default, else the env's
-            from .. import zoo
-
-            reward_readout = zoo.env_defaults(model).get("reward_readout", DEFAULT_READOUT)
-        check_readout(reward_readout)
+        reward_readout = samples["reward_readout"]
         if evaluation not in EVALUATIONS:
             raise ValueError(
                 f"unknown evaluation {evaluation!r}; choose one of {', '.join(EVALUATIONS)}"

@@ -390,8 +390,8 @@ def task_dataset(task: Task, protocol: Protocol) -> str:
 def task_env_kwargs(task: Task, protocol: Protocol, data_dir=None) -> dict:
     """The env keyword arguments a search of ``task`` under ``protocol`` runs with, as its
     record states them: the registered configuration's, with the task's target and the
-    protocol's dataset, search reward and reward samples, image counts and recovery batch
-    size as the env uses them (:func:`autosculpt_env.evaluation.env_settings`: the
+    protocol's dataset, search reward and reward samples, image counts, recovery batch
+    size and readout as the env uses them (:func:`autosculpt_env.evaluation.env_settings`: the
     protocol's ``reward_samples`` or the whole reward split when it holds fewer, the zoo
     model's own defaults). ``data_dir`` (the user's) is read for the splits' sizes and not
     compared."""
@@ -418,6 +418,7 @@ def task_env_kwargs(task: Task, protocol: Protocol, data_dir=None) -> dict:
             dataset,
             data_dir,
             recovery_batch_size=kwargs["recovery_batch_size"],
+            reward_readout=kwargs["reward_readout"],
             **{k: kwargs[k] for k in SAMPLE_SETTINGS},
         )
     )

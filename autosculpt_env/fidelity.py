@@ -1119,6 +1119,11 @@ def _fmt_holdout(entry: dict) -> str:
     return f"{_fmt(entry.get('holdout'), 'rho')} (seeds {seeds}: {values})"
 
 
+def _measured(entry: dict) -> bool:
+    """Whether a task table's mode entry holds any figure (agreement, seed replicate, cost)."""
+    return any(entry.get(k) for k in ("cost", "seeds", "holdout_seeds", "searches_only", *SETS))
+
+
 def _fmt(a: Agreement | None, which: str) -> str:
     if a is None:
         return "–"
@@ -1170,6 +1175,8 @@ def render_report(tables: list[dict]) -> str:
         ceiling = _fmt(comp.get("ceiling"), "rho")
         first = True
         for mode, entry in t["modes"].items():
+            if mode != t["default"] and not _measured(entry):
+                continue  # a candidate stored for other tasks only
             cost = entry.get("cost")
             cost_s = f"{cost['ratio']:.1f}×" if cost else "–"
             lead = (

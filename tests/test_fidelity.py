@@ -220,6 +220,8 @@ def test_report_marks_the_default_and_states_the_goal(root):
     text = fidelity.write_report(root, [TASK]).read_text()
     assert "| **recovery** (default) | 1.00" in text
     assert "| recovery[recovery_samples=9] | -1.00" in text
+    # a reported mode with nothing stored for this task gets no row of dashes
+    assert "| accuracy |" not in text
     assert f"- {TASK.name}: ρ 1.00 against a goal of 0.80 (met); cost not measured" in text
     assert (root / "plots" / f"{fidelity.task_dir_name(TASK)}.png").exists()
 

@@ -996,6 +996,12 @@ def verdict(table: dict) -> str:
         + ", ".join(f"{v:.2f}" for v in [a.spearman] + [r.spearman for r in reps])
         + f" (mean {np.mean([a.spearman] + [r.spearman for r in reps]):.2f})"
     )
+    mean = entry.get("seed_mean")
+    if reps and mean is not None and mean.agreement.n == a.n:
+        seeds_s += (
+            f"; the reward averaged over those {len(mean.seeds)} recovery passes "
+            f"(at {len(mean.seeds)}× its cost): ρ {mean.agreement.spearman:.2f}"
+        )
     return (
         f"{table['task']}: ρ {a.spearman:.2f} against a goal of {goal:.2f} "
         + ("(met)" if met else f"(short by {goal - a.spearman:.2f})")
@@ -1052,7 +1058,11 @@ def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:
                 )
             if set_name in ("competitive", "holdout"):
                 reps = _seed_replicates(root, task, mode, keys, complete, values)
-                entry["seeds" if set_name == "competitive" else "holdout_seeds"] = reps
+                prefix = "" if set_name == "competitive" else "holdout_"
+                entry[prefix + "seeds"] = reps
+                mean = _seed_mean(root, task, mode, keys, complete, values, reps)
+                if mean is not None:
+                    entry[prefix + "seed_mean"] = mean
     # the package-wide default was chosen on the committed rows' policies before the search
     # runs existed, so on those it is an out-of-sample figure (not for a per-model default
     # chosen on all of them, e.g. the ViT's)
@@ -1101,10 +1111,45 @@ def _seed_replicates(root, task, mode, keys, complete, values) -> list[SeedRepli
     return out
 
 
-def _fmt_seeds(reps: Sequence[SeedReplicate]) -> str:
+@dataclass
+class SeedMean:
+    """A candidate's rewards averaged over recovery seed 0 and the seeds of its replicates,
+    on the policies scored under all of them: how well the reward would rank with its
+    training noise averaged out over ``len(seeds)`` recovery passes (at that multiple of
+    its cost)."""
+
+    seeds: tuple[int, ...]
+    agreement: Agreement
+
+
+def _seed_mean(root, task, mode, keys, complete, values, reps) -> SeedMean | None:
+    seeds = [0] + [r.seed for r in reps]
+    if len(seeds) < 2:
+        return None
+    runs = [values["values"]] + [load_rewards(root, task, mode, s)["values"] for s in seeds[1:]]
+    have = [k for k in keys if all(k in run for run in runs)]
+    if len(have) < 4:
+        return None
+    return SeedMean(
+        tuple(seeds),
+        agreement(
+            [float(np.mean([run[k] for run in runs])) for k in have],
+            [float(np.mean(list(complete[k].values()))) for k in have],
+        ),
+    )
+
+
+def _fmt_seed_list(seeds: Sequence[int]) -> str:
+    return ", ".join(map(str, seeds[:-1])) + f" and {seeds[-1]}"
+
+
+def _fmt_seeds(reps: Sequence[SeedReplicate], mean: SeedMean | None = None) -> str:
     if not reps:
         return "–"
-    return "; ".join(f"{r.seed}: {r.spearman:.2f} ({r.agreement_with_seed0:.2f})" for r in reps)
+    text = "; ".join(f"{r.seed}: {r.spearman:.2f} ({r.agreement_with_seed0:.2f})" for r in reps)
+    if mean is not None:
+        text += f"; averaged over {_fmt_seed_list(mean.seeds)}: {mean.agreement.spearman:.2f}"
+    return text
 
 
 def _fmt_holdout(entry: dict) -> str:
@@ -1116,7 +1161,13 @@ def _fmt_holdout(entry: dict) -> str:
         return _fmt(entry.get("holdout"), "rho")
     seeds = ", ".join(str(r.seed) for r in reps)
     values = ", ".join(f"{r.spearman:.2f}" for r in reps)
-    return f"{_fmt(entry.get('holdout'), 'rho')} (seeds {seeds}: {values})"
+    mean = entry.get("holdout_seed_mean")
+    averaged = (
+        ""
+        if mean is None or mean.agreement.n != entry["holdout"].n
+        else f"; averaged over {_fmt_seed_list(mean.seeds)}: {mean.agreement.spearman:.2f}"
+    )
+    return f"{_fmt(entry.get('holdout'), 'rho')} (seeds {seeds}: {values}{averaged})"
 
 
 def _measured(entry: dict) -> bool:
@@ -1192,7 +1243,7 @@ def render_report(tables: list[dict]) -> str:
                 lead
                 + f"| {name} | {_fmt(entry.get('competitive'), 'rho')} | "
                 + f"{_fmt(entry.get('competitive'), 'tau')} | "
-                + f"{_fmt_seeds(entry.get('seeds', []))} | "
+                + f"{_fmt_seeds(entry.get('seeds', []), entry.get('seed_mean'))} | "
                 + f"{_fmt_holdout(entry)} | "
                 + f"{_fmt(entry.get('broad'), 'rho')} | {cost_s} |"
             )

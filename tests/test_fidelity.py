@@ -226,6 +226,34 @@ def test_report_marks_the_default_and_states_the_goal(root):
     assert (root / "plots" / f"{fidelity.task_dir_name(TASK)}.png").exists()
 
 
+def test_a_reward_averaged_over_its_recovery_seeds_is_reported_beside_them(root):
+    # seed 0 and seed 1 each misorder a pair; their mean ranks like the score
+    ps = fidelity.PolicySet.load(root, TASK)
+    _store_ground_truth(root, ps, [0.5, 0.6, 0.7, 0.8])
+    for seed, values in ((0, [0.52, 0.50, 0.72, 0.70]), (1, [0.48, 0.70, 0.68, 0.90])):
+        fidelity.atomic_write_json(
+            fidelity.rewards_path(root, TASK, "recovery", seed),
+            {
+                "mode": "recovery",
+                "task": TASK.name,
+                "cost": None,
+                "values": {p.key: v for p, v in zip(ps.policies, values)},
+                **({"recovery_seed": seed} if seed else {}),
+            },
+        )
+    table = fidelity.task_table(root, TASK, ["recovery"])
+    entry = table["modes"]["recovery"]
+    assert entry["competitive"].spearman == pytest.approx(0.6)
+    assert [(r.seed, r.spearman) for r in entry["seeds"]] == [(1, pytest.approx(0.8))]
+    assert entry["seed_mean"].seeds == (0, 1)
+    assert entry["seed_mean"].agreement.spearman == pytest.approx(1.0)
+    line = fidelity.verdict(table)
+    assert "under recovery seeds 0, 1: ρ 0.60, 0.80 (mean 0.70)" in line
+    assert "the reward averaged over those 2 recovery passes (at 2× its cost): ρ 1.00" in line
+    text = fidelity.write_report(root, [TASK]).read_text()
+    assert "| 1: 0.80 (0.00); averaged over 0 and 1: 1.00 |" in text
+
+
 def test_verdict_reports_the_default_on_search_policies_alone(root):
     # four more policies that search runs found; the default ranks them against the score,
     # while it ranks the fixture's four (not from searches) with it
@@ -304,7 +332,7 @@ def test_holdout_searches_fill_a_set_reported_apart(root, monkeypatch):
         (1, pytest.approx(1.0))
     ]
     assert "on the 4 holdout policies: ρ -1.00 [" in fidelity.verdict(table)
-    assert " (seeds 1: 1.00)" in fidelity.verdict(table)
+    assert " (seeds 1: 1.00; averaged over 0 and 1: 0.00)" in fidelity.verdict(table)
     text = fidelity.write_report(root, [TASK]).read_text()
     assert "| **recovery** (default) | 1.00" in text
     assert (
@@ -380,7 +408,7 @@ def test_recovery_seed_replicates_are_stored_apart_and_reported(root):
     assert rep.seed == 1 and rep.n == 4 and -1.0 <= rep.spearman <= 1.0
     assert "under recovery seeds 0, 1: ρ" in fidelity.verdict(table)
     text = fidelity.write_report(root, [TASK], modes=["recovery"]).read_text()
-    assert f"| 1: {rep.spearman:.2f} ({rep.agreement_with_seed0:.2f}) |" in text
+    assert f"| 1: {rep.spearman:.2f} ({rep.agreement_with_seed0:.2f}); averaged over 0 and 1: " in text
 
     # a file whose seed is not the one asked for is refused, not read as it
     stored = json.loads(path.read_text())

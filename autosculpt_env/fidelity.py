@@ -47,6 +47,7 @@ import json
 import os
 import random
 import socket
+import textwrap
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -1312,7 +1313,9 @@ def plot_task(root: Path, task: Task, modes: Sequence[str], out: Path) -> Path |
         for k, v in load_ground_truth(root, task).items()
         if all(s in v for s in GROUND_TRUTH_SEEDS)
     }
+    default = default_mode(task)
     modes = [m for m in modes if load_rewards(root, task, m)["values"]]
+    modes = sorted(modes, key=lambda m: m != default)  # the default's panel first
     if not gt or not modes:
         return None
     styles = {
@@ -1320,8 +1323,12 @@ def plot_task(root: Path, task: Task, modes: Sequence[str], out: Path) -> Path |
         "holdout": {"color": "C2", "marker": "x"},
         "broad": {"facecolors": "none", "edgecolors": "C1"},
     }
-    fig, axes = plt.subplots(1, len(modes), figsize=(3.2 * len(modes), 3.2), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    cols = min(4, len(modes))
+    rows = -(-len(modes) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[len(modes) :]:
+        ax.set_visible(False)
+    for ax, mode in zip(axes.flat, modes):
         values = load_rewards(root, task, mode)["values"]
         for set_name in SETS:
             keys = [p.key for p in ps.of(set_name) if p.key in gt and p.key in values]
@@ -1333,11 +1340,16 @@ def plot_task(root: Path, task: Task, modes: Sequence[str], out: Path) -> Path |
                     label=set_name,
                     **styles[set_name],
                 )
-        ax.set_title(mode, fontsize=9)
-        ax.set_xlabel("reward accuracy (%)", fontsize=8)
+        base, _, settings = mode.partition("[")
+        title = base + (
+            "\n" + textwrap.fill("[" + settings.replace(",", ", "), 46) if settings else ""
+        )
+        title += " (default)" if mode == default else ""
+        ax.set_title(title, fontsize=8, fontweight="bold" if mode == default else "normal")
+        ax.set_xlabel("reward (%)", fontsize=8)
         ax.set_ylabel("score: test acc. after FT (%)", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7)
     fig.suptitle(task.name, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

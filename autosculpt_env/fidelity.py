@@ -1028,7 +1028,7 @@ def proxy_verdict(table: dict) -> str:
         return f"{table['task']}: no surrogate of `{table['default']}` ships yet"
     digits = 2 if abs(rho - GOAL_SPEARMAN) >= 0.005 else 3  # 0.797 is not "0.80 (met)"
     met = "met" if rho >= GOAL_SPEARMAN else f"short by {GOAL_SPEARMAN - rho:.{digits}f}"
-    return f"{table['task']}: lowest held-out ρ {rho:.{digits}f} ({met})"
+    return f"{table['task']}: the proxy's lowest held-out ρ {rho:.{digits}f} ({met})"
 
 
 def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:

@@ -139,6 +139,8 @@ def main(args: Args) -> None:
     # the report always covers every leaderboard task (and any other task worked on here)
     reported = list(TASKS) + [t for t in tasks if t.name not in {u.name for u in TASKS}]
     out = fidelity.write_report(args.root, reported, readme=args.readme)
+    # the goal lines (default reward, proxy) on the terminal; the tables are in the report
+    print("\n".join(line for line in out.read_text().splitlines() if line.startswith("- ")))
     print(f"report: {out}")
     if stale:
         raise SystemExit(

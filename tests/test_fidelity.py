@@ -408,7 +408,9 @@ def test_recovery_seed_replicates_are_stored_apart_and_reported(root):
     assert rep.seed == 1 and rep.n == 4 and -1.0 <= rep.spearman <= 1.0
     assert "under recovery seeds 0, 1: ρ" in fidelity.verdict(table)
     text = fidelity.write_report(root, [TASK], modes=["recovery"]).read_text()
-    assert f"| 1: {rep.spearman:.2f} ({rep.agreement_with_seed0:.2f}); averaged over 0 and 1: " in text
+    assert (
+        f"| 1: {rep.spearman:.2f} ({rep.agreement_with_seed0:.2f}); averaged over 0 and 1: " in text
+    )
 
     # a file whose seed is not the one asked for is refused, not read as it
     stored = json.loads(path.read_text())
@@ -474,3 +476,26 @@ def test_the_benchmark_script_verifies_and_exits_nonzero_on_a_stale_reward(
     with pytest.raises(SystemExit, match="do not reproduce"):
         script.main(args)
     assert "2 differ" in capsys.readouterr().out
+
+
+def test_proxy_verdict_reads_the_shipped_surrogates_heldout_agreement(monkeypatch):
+    from autosculpt_env import surrogate
+
+    rho = surrogate.heldout_agreement("AutoSculpt-MobileNet", 0.5)
+    assert rho is not None and rho < fidelity.GOAL_SPEARMAN
+    line = fidelity.proxy_verdict({"task": "AutoSculpt-MobileNet@0.5", "default": "recovery"})
+    assert line == (
+        f"AutoSculpt-MobileNet@0.5: the proxy's lowest held-out ρ {rho:.2f} "
+        f"(short by {fidelity.GOAL_SPEARMAN - rho:.2f})"
+    )
+    # no surrogate ships for a configuration outside the registry
+    assert fidelity.proxy_verdict({"task": TASK.name, "default": "recovery"}) == (
+        f"{TASK.name}: no surrogate of `recovery` ships yet"
+    )
+    # a figure just under the goal keeps three decimals, so it does not read as met
+    monkeypatch.setattr(surrogate, "heldout_agreement", lambda env_id, target: 0.797)
+    line = fidelity.proxy_verdict({"task": "AutoSculpt-ViT@0.5", "default": "recovery"})
+    assert line.endswith("lowest held-out ρ 0.797 (short by 0.003)")
+    monkeypatch.setattr(surrogate, "heldout_agreement", lambda env_id, target: 0.85)
+    line = fidelity.proxy_verdict({"task": "AutoSculpt-ViT@0.5", "default": "recovery"})
+    assert line.endswith("lowest held-out ρ 0.85 (met)")

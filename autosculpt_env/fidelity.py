@@ -997,8 +997,8 @@ def verdict(table: dict) -> str:
         + ", ".join(f"{v:.2f}" for v in [a.spearman] + [r.spearman for r in reps])
         + f" (mean {np.mean([a.spearman] + [r.spearman for r in reps]):.2f})"
     )
-    mean = entry.get("seed_mean")
-    if reps and mean is not None and mean.agreement.n == a.n:
+    mean = _same_policies(entry, "seed_mean")
+    if reps and mean is not None:
         seeds_s += (
             f"; the reward averaged over those {len(mean.seeds)} recovery passes "
             f"(at {len(mean.seeds)}× its cost): ρ {mean.agreement.spearman:.2f}"
@@ -1153,6 +1153,13 @@ def _fmt_seeds(reps: Sequence[SeedReplicate], mean: SeedMean | None = None) -> s
     return text
 
 
+def _same_policies(entry: dict, key: str) -> SeedMean | None:
+    """``entry[key]`` (a competitive :class:`SeedMean`) if it ranks the same policies as the
+    candidate's competitive figure, else ``None`` (a figure on fewer would read as its peer)."""
+    mean, a = entry.get(key), entry.get("competitive")
+    return mean if mean is not None and a is not None and mean.agreement.n == a.n else None
+
+
 def _fmt_holdout(entry: dict) -> str:
     """The holdout column: ρ under recovery seed 0, then under the other seeds measured."""
     reps = [
@@ -1244,7 +1251,7 @@ def render_report(tables: list[dict]) -> str:
                 lead
                 + f"| {name} | {_fmt(entry.get('competitive'), 'rho')} | "
                 + f"{_fmt(entry.get('competitive'), 'tau')} | "
-                + f"{_fmt_seeds(entry.get('seeds', []), entry.get('seed_mean'))} | "
+                + f"{_fmt_seeds(entry.get('seeds', []), _same_policies(entry, 'seed_mean'))} | "
                 + f"{_fmt_holdout(entry)} | "
                 + f"{_fmt(entry.get('broad'), 'rho')} | {cost_s} |"
             )

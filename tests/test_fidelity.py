@@ -227,10 +227,19 @@ def test_report_marks_the_default_and_states_the_goal(root):
 
 
 def test_a_reward_averaged_over_its_recovery_seeds_is_reported_beside_them(root):
-    # seed 0 and seed 1 each misorder a pair; their mean ranks like the score
+    # five policies; seed 0 and seed 1 each misorder two pairs, their mean ranks like the score
+    env = fidelity.make_task_env(TASK, evaluation="accuracy")
+    names, rng = env.unwrapped.action_names, random.Random(5)
     ps = fidelity.PolicySet.load(root, TASK)
-    _store_ground_truth(root, ps, [0.5, 0.6, 0.7, 0.8])
-    for seed, values in ((0, [0.52, 0.50, 0.72, 0.70]), (1, [0.48, 0.70, 0.68, 0.90])):
+    while len(ps.policies) < 5:
+        ps.add([names[a] for a in fidelity.random_valid_policy(env, rng)], "competitive", "test")
+    env.close()
+    ps.save(root)
+    _store_ground_truth(root, ps, [0.5, 0.6, 0.7, 0.8, 0.9])
+    for seed, values in (
+        (0, [0.52, 0.50, 0.72, 0.70, 0.95]),
+        (1, [0.48, 0.70, 0.68, 0.90, 0.85]),
+    ):
         fidelity.atomic_write_json(
             fidelity.rewards_path(root, TASK, "recovery", seed),
             {
@@ -243,15 +252,24 @@ def test_a_reward_averaged_over_its_recovery_seeds_is_reported_beside_them(root)
         )
     table = fidelity.task_table(root, TASK, ["recovery"])
     entry = table["modes"]["recovery"]
-    assert entry["competitive"].spearman == pytest.approx(0.6)
+    assert entry["competitive"].spearman == pytest.approx(0.8)
     assert [(r.seed, r.spearman) for r in entry["seeds"]] == [(1, pytest.approx(0.8))]
     assert entry["seed_mean"].seeds == (0, 1)
     assert entry["seed_mean"].agreement.spearman == pytest.approx(1.0)
     line = fidelity.verdict(table)
-    assert "under recovery seeds 0, 1: ρ 0.60, 0.80 (mean 0.70)" in line
+    assert "under recovery seeds 0, 1: ρ 0.80, 0.80 (mean 0.80)" in line
     assert "the reward averaged over those 2 recovery passes (at 2× its cost): ρ 1.00" in line
     text = fidelity.write_report(root, [TASK]).read_text()
-    assert "| 1: 0.80 (0.00); averaged over 0 and 1: 1.00 |" in text
+    assert "| 1: 0.80 (0.30); averaged over 0 and 1: 1.00 |" in text
+    # seed 1 missing a policy: its average ranks fewer policies, so it is not shown as a peer
+    path = fidelity.rewards_path(root, TASK, "recovery", 1)
+    stored = json.loads(path.read_text())
+    stored["values"].pop(ps.policies[0].key)
+    fidelity.atomic_write_json(path, stored)
+    table = fidelity.task_table(root, TASK, ["recovery"])
+    assert table["modes"]["recovery"]["seed_mean"].agreement.n == 4
+    assert "averaged" not in fidelity.verdict(table)
+    assert "averaged" not in fidelity.write_report(root, [TASK]).read_text()
 
 
 def test_verdict_reports_the_default_on_search_policies_alone(root):

@@ -997,7 +997,7 @@ def verdict(table: dict) -> str:
         + ", ".join(f"{v:.2f}" for v in [a.spearman] + [r.spearman for r in reps])
         + f" (mean {np.mean([a.spearman] + [r.spearman for r in reps]):.2f})"
     )
-    mean = _same_policies(entry, "seed_mean")
+    mean = _same_policies(entry)
     if reps and mean is not None:
         seeds_s += (
             f"; the reward averaged over those {len(mean.seeds)} recovery passes "
@@ -1038,6 +1038,7 @@ def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:
     seeds = GROUND_TRUTH_SEEDS
     complete = {k: v for k, v in gt.items() if all(s in v for s in seeds)}
     out = {"task": task.name, "sets": {}, "modes": {}, "default": default_mode(task)}
+    replicates: dict[str, dict[int, dict]] = {}  # mode -> recovery seed -> its stored values
     for set_name in SETS:
         members = ps.of(set_name)
         keys = [p.key for p in members if p.key in complete]
@@ -1050,6 +1051,11 @@ def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:
         out["sets"][set_name] = info
         for mode in modes:
             values = load_rewards(root, task, mode)
+            if mode not in replicates:
+                replicates[mode] = {
+                    seed: load_rewards(root, task, mode, seed)["values"]
+                    for seed in reward_seeds(root, task, mode)
+                }
             have = [k for k in keys if k in values["values"]]
             entry = out["modes"].setdefault(mode, {"cost": values.get("cost")})
             if len(have) >= 4:
@@ -1058,10 +1064,10 @@ def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:
                     [float(np.mean(list(complete[k].values()))) for k in have],
                 )
             if set_name in ("competitive", "holdout"):
-                reps = _seed_replicates(root, task, mode, keys, complete, values)
+                reps = _seed_replicates(keys, complete, values["values"], replicates[mode])
                 prefix = "" if set_name == "competitive" else "holdout_"
                 entry[prefix + "seeds"] = reps
-                mean = _seed_mean(root, task, mode, keys, complete, values, reps)
+                mean = _seed_mean(keys, complete, values["values"], replicates[mode], reps)
                 if mean is not None:
                     entry[prefix + "seed_mean"] = mean
     # the package-wide default was chosen on the committed rows' policies before the search
@@ -1093,19 +1099,20 @@ class SeedReplicate:
     agreement_with_seed0: float
 
 
-def _seed_replicates(root, task, mode, keys, complete, values) -> list[SeedReplicate]:
+def _seed_replicates(keys, complete, values, replicates) -> list[SeedReplicate]:
+    """``values`` are a candidate's rewards under recovery seed 0, ``replicates`` maps each
+    other recovery seed to its rewards (both keyed by policy)."""
     from scipy import stats
 
     out = []
-    for seed in reward_seeds(root, task, mode):
-        other = load_rewards(root, task, mode, seed)["values"]
-        have = [k for k in keys if k in other and k in values["values"]]
+    for seed, other in replicates.items():
+        have = [k for k in keys if k in other and k in values]
         if len(have) < 4:
             continue
         x = [other[k] for k in have]
         score = [float(np.mean(list(complete[k].values()))) for k in have]
         rho = stats.spearmanr(x, score)[0]
-        same = stats.spearmanr(x, [values["values"][k] for k in have])[0]
+        same = stats.spearmanr(x, [values[k] for k in have])[0]
         out.append(
             SeedReplicate(seed, len(have), float(np.nan_to_num(rho)), float(np.nan_to_num(same)))
         )
@@ -1123,11 +1130,11 @@ class SeedMean:
     agreement: Agreement
 
 
-def _seed_mean(root, task, mode, keys, complete, values, reps) -> SeedMean | None:
+def _seed_mean(keys, complete, values, replicates, reps) -> SeedMean | None:
     seeds = [0] + [r.seed for r in reps]
     if len(seeds) < 2:
         return None
-    runs = [values["values"]] + [load_rewards(root, task, mode, s)["values"] for s in seeds[1:]]
+    runs = [values] + [replicates[s] for s in seeds[1:]]
     have = [k for k in keys if all(k in run for run in runs)]
     if len(have) < 4:
         return None
@@ -1153,10 +1160,11 @@ def _fmt_seeds(reps: Sequence[SeedReplicate], mean: SeedMean | None = None) -> s
     return text
 
 
-def _same_policies(entry: dict, key: str) -> SeedMean | None:
-    """``entry[key]`` (a competitive :class:`SeedMean`) if it ranks the same policies as the
-    candidate's competitive figure, else ``None`` (a figure on fewer would read as its peer)."""
-    mean, a = entry.get(key), entry.get("competitive")
+def _same_policies(entry: dict, set_name: str = "competitive") -> SeedMean | None:
+    """The candidate's seed-averaged figure on ``set_name`` if it ranks the same policies as
+    its figure there, else ``None`` (a figure on fewer would read as its peer)."""
+    prefix = "" if set_name == "competitive" else f"{set_name}_"
+    mean, a = entry.get(prefix + "seed_mean"), entry.get(set_name)
     return mean if mean is not None and a is not None and mean.agreement.n == a.n else None
 
 
@@ -1169,10 +1177,10 @@ def _fmt_holdout(entry: dict) -> str:
         return _fmt(entry.get("holdout"), "rho")
     seeds = ", ".join(str(r.seed) for r in reps)
     values = ", ".join(f"{r.spearman:.2f}" for r in reps)
-    mean = entry.get("holdout_seed_mean")
+    mean = _same_policies(entry, "holdout")
     averaged = (
         ""
-        if mean is None or mean.agreement.n != entry["holdout"].n
+        if mean is None
         else f"; averaged over {_fmt_seed_list(mean.seeds)}: {mean.agreement.spearman:.2f}"
     )
     return f"{_fmt(entry.get('holdout'), 'rho')} (seeds {seeds}: {values}{averaged})"
@@ -1251,7 +1259,7 @@ def render_report(tables: list[dict]) -> str:
                 lead
                 + f"| {name} | {_fmt(entry.get('competitive'), 'rho')} | "
                 + f"{_fmt(entry.get('competitive'), 'tau')} | "
-                + f"{_fmt_seeds(entry.get('seeds', []), _same_policies(entry, 'seed_mean'))} | "
+                + f"{_fmt_seeds(entry.get('seeds', []), _same_policies(entry))} | "
                 + f"{_fmt_holdout(entry)} | "
                 + f"{_fmt(entry.get('broad'), 'rho')} | {cost_s} |"
             )

@@ -1038,7 +1038,13 @@ def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:
     seeds = GROUND_TRUTH_SEEDS
     complete = {k: v for k, v in gt.items() if all(s in v for s in seeds)}
     out = {"task": task.name, "sets": {}, "modes": {}, "default": default_mode(task)}
-    replicates: dict[str, dict[int, dict]] = {}  # mode -> recovery seed -> its stored values
+    stored = {mode: load_rewards(root, task, mode) for mode in modes}
+    replicates = {  # mode -> other recovery seed -> its stored values
+        mode: {
+            s: load_rewards(root, task, mode, s)["values"] for s in reward_seeds(root, task, mode)
+        }
+        for mode in modes
+    }
     for set_name in SETS:
         members = ps.of(set_name)
         keys = [p.key for p in members if p.key in complete]
@@ -1050,12 +1056,7 @@ def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:
             info["score_range"] = (min(a + b), max(a + b))
         out["sets"][set_name] = info
         for mode in modes:
-            values = load_rewards(root, task, mode)
-            if mode not in replicates:
-                replicates[mode] = {
-                    seed: load_rewards(root, task, mode, seed)["values"]
-                    for seed in reward_seeds(root, task, mode)
-                }
+            values = stored[mode]
             have = [k for k in keys if k in values["values"]]
             entry = out["modes"].setdefault(mode, {"cost": values.get("cost")})
             if len(have) >= 4:
@@ -1078,7 +1079,8 @@ def task_table(root: Path, task: Task, modes: Sequence[str]) -> dict:
         for p in ps.of("competitive")
         if p.key in complete and p.sources and all(s.startswith("search:") for s in p.sources)
     }
-    values = load_rewards(root, task, out["default"])["values"]
+    default = out["default"]
+    values = (stored[default] if default in stored else load_rewards(root, task, default))["values"]
     have = sorted(k for k in searched if k in values)
     if len(have) >= 4:
         out["modes"].setdefault(out["default"], {})["searches_only"] = agreement(

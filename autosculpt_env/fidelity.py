@@ -920,34 +920,55 @@ class Agreement:
     kendall_ci: tuple[float, float]
 
 
+def _spearman(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman's rho (Pearson of average ranks, as ``scipy.stats.spearmanr``;
+    0 where a side is constant) along ``axis``, the policies' axis (``scipy.stats.bootstrap``
+    stacks its resamples along the others)."""
+    from scipy import stats
+
+    x, y = np.moveaxis(x, axis, -1), np.moveaxis(y, axis, -1)
+    rx, ry = stats.rankdata(x, axis=-1), stats.rankdata(y, axis=-1)
+    rx = rx - rx.mean(-1, keepdims=True)
+    ry = ry - ry.mean(-1, keepdims=True)
+    den = np.sqrt((rx * rx).sum(-1) * (ry * ry).sum(-1))
+    return np.divide((rx * ry).sum(-1), den, out=np.zeros_like(den), where=den > 0)
+
+
+def _kendall(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Kendall's tau-b (as ``scipy.stats.kendalltau``; 0 where a side is constant) along
+    ``axis``, as :func:`_spearman`: concordant minus discordant pairs over the geometric mean
+    of the pairs untied on each side."""
+    x, y = np.moveaxis(x, axis, -1), np.moveaxis(y, axis, -1)
+    sx = np.sign(x[..., :, None] - x[..., None, :]).astype(np.int8)
+    sy = np.sign(y[..., :, None] - y[..., None, :]).astype(np.int8)
+    s = (sx * sy).sum((-1, -2), dtype=np.int64)
+    den = np.sqrt(
+        np.abs(sx).sum((-1, -2), dtype=np.int64) * np.abs(sy).sum((-1, -2), dtype=np.int64),
+        dtype=float,
+    )
+    return np.divide(s, den, out=np.zeros_like(den), where=den > 0)
+
+
 def agreement(x: Sequence[float], y: Sequence[float], resamples: int = 2000) -> Agreement:
     """Spearman's rho and Kendall's tau of paired values, with 95 % percentile intervals
-    from a paired bootstrap over policies (``scipy.stats.bootstrap``, seeded)."""
+    from a paired bootstrap over policies (``scipy.stats.bootstrap``, seeded; the statistics
+    are computed for all resamples at once)."""
     from scipy import stats
 
     x, y = np.asarray(x, float), np.asarray(y, float)
-
-    def rho(a, b):
-        r = stats.spearmanr(a, b)[0]
-        return 0.0 if np.isnan(r) else r
-
-    def tau(a, b):
-        r = stats.kendalltau(a, b)[0]
-        return 0.0 if np.isnan(r) else r
-
     out = []
-    for f in (rho, tau):
+    for f in (_spearman, _kendall):
         ci = stats.bootstrap(
             (x, y),
             f,
             paired=True,
-            vectorized=False,
+            vectorized=True,
             n_resamples=resamples,
             method="percentile",
             random_state=0,
         ).confidence_interval
-        out += [f(x, y), (float(ci.low), float(ci.high))]
-    return Agreement(len(x), float(out[0]), out[1], float(out[2]), out[3])
+        out += [float(f(x, y)), (float(ci.low), float(ci.high))]
+    return Agreement(len(x), out[0], out[1], out[2], out[3])
 
 
 GOAL_SPEARMAN = 0.8
@@ -1285,6 +1306,18 @@ def render_report(tables: list[dict]) -> str:
         "",
         *[f"- {proxy_verdict(t)}" for t in tables],
     ]
+    if any(frontier(t) for t in tables):
+        lines += [
+            "",
+            "The cost-fidelity frontier on the competitive set: the timed candidates that no "
+            "other timed one beats at once on cost and on ρ, cheapest first, each with its ρ on "
+            "the holdout set where measured (candidates without a cost are left out; "
+            "`--cost MODE` times one):",
+            "",
+            *[f"- {frontier_line(t)}" for t in tables],
+            "",
+            f"![cost-fidelity frontier]({FRONTIER_PLOT})",
+        ]
     held = [t for t in tables if t["sets"].get("holdout", {}).get("policies")]
     if held:
         lines += [
@@ -1375,6 +1408,129 @@ def plot_task(root: Path, task: Task, modes: Sequence[str], out: Path) -> Path |
     return out
 
 
+FRONTIER_PLOT = "plots/frontier.png"
+"""The frontier figure, relative to the fidelity folder (the report links it from there)."""
+
+
+def frontier(table: dict, set_name: str = "competitive") -> list[tuple[str, float, Agreement]]:
+    """The task's cost-fidelity frontier on ``set_name``: ``(mode, cost ratio, agreement)`` of
+    every timed candidate, scored on the whole set, that no other one beats at once on cost and
+    on Spearman with the score, cheapest first (each ranks better than every cheaper one)."""
+    n = table["sets"][set_name].get("with_ground_truth", 0)
+    points = sorted(
+        (
+            (mode, entry["cost"]["ratio"], entry[set_name])
+            for mode, entry in table["modes"].items()
+            if entry.get("cost") and entry.get(set_name) is not None and entry[set_name].n == n
+        ),
+        key=lambda p: (p[1], -p[2].spearman),
+    )
+    out: list[tuple[str, float, Agreement]] = []
+    for p in points:
+        if not out or p[2].spearman > out[-1][2].spearman:
+            out.append(p)
+    return out
+
+
+def frontier_line(table: dict) -> str:
+    """One line: the task's frontier on the competitive set (with each point's holdout ρ)."""
+    points = frontier(table)
+    if not points:
+        return f"{table['task']}: no timed candidate yet"
+    parts = []
+    for mode, ratio, a in points:
+        held = table["modes"][mode].get("holdout")
+        held_s = "" if held is None else f", holdout {held.spearman:.2f}"
+        parts.append(f"`{mode}` {ratio:.1f}× ρ {a.spearman:.2f}{held_s}")
+    within = [p for p in points if p[1] <= GOAL_COST]
+    best = (
+        f"; best within {GOAL_COST:.0f}×: `{within[-1][0]}`"
+        if within
+        else f"; none within {GOAL_COST:.0f}×"
+    )
+    return f"{table['task']}: " + " → ".join(parts) + best
+
+
+def plot_frontier(tables: Sequence[dict], out: Path) -> Path | None:
+    """One panel per task: each timed candidate's Spearman with the score against its cost
+    (competitive set: dot with its 95 % interval; holdout set: cross), the frontier as a step
+    line, the goal and the cost bound dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [t for t in tables if frontier(t)]
+    if not timed:
+        return None
+    modes = list(dict.fromkeys(m for t in timed for m, e in t["modes"].items() if e.get("cost")))
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(modes)}
+    cols = min(3, len(timed))
+    rows = -(-len(timed) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(timed) :]:
+        ax.set_visible(False)
+    for ax, t in zip(axes.flat, timed):
+        n = t["sets"]["competitive"]["with_ground_truth"]
+        for mode, entry in t["modes"].items():
+            a = entry.get("competitive")
+            if not entry.get("cost") or a is None or a.n != n:
+                continue
+            x = entry["cost"]["ratio"]
+            is_default = mode == t["default"]
+            ax.errorbar(
+                x,
+                a.spearman,
+                yerr=[[a.spearman - a.spearman_ci[0]], [a.spearman_ci[1] - a.spearman]],
+                fmt="o",
+                ms=8 if is_default else 5,
+                color=colors[mode],
+                mec="black" if is_default else colors[mode],
+                elinewidth=0.8,
+                alpha=0.9,
+            )
+            held = entry.get("holdout")
+            if held is not None:
+                ax.plot(x, held.spearman, "x", color=colors[mode], ms=6)
+        pts = frontier(t)
+        xs = [p[1] for p in pts]
+        ys = [p[2].spearman for p in pts]
+        ax.step(xs, ys, where="post", color="grey", lw=1, zorder=0)
+        ceiling = t["sets"]["competitive"].get("ceiling")
+        goal = (
+            GOAL_SPEARMAN
+            if ceiling is None
+            else min(GOAL_SPEARMAN, ceiling.spearman - GOAL_CEILING_MARGIN)
+        )
+        ax.axhline(goal, ls="--", color="black", lw=0.8)
+        ax.axvline(GOAL_COST, ls=":", color="black", lw=0.8)
+        ax.set_title(t["task"], fontsize=9)
+        ax.set_xlabel("cost (× a bare dense forward)", fontsize=8)
+        ax.set_ylabel("Spearman ρ with the score", fontsize=8)
+        ax.set_ylim(-0.6, 1.0)
+        ax.tick_params(labelsize=7)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colors[m], label=m) for m in modes] + [
+        plt.Line2D([], [], marker="o", ls="", color="white", mec="black", label="the default"),
+        plt.Line2D([], [], marker="x", ls="", color="black", label="holdout set"),
+        plt.Line2D([], [], ls="--", color="black", label="goal"),
+        plt.Line2D([], [], ls=":", color="black", label=f"{GOAL_COST:.0f}× bound"),
+        plt.Line2D([], [], color="grey", label="frontier (competitive)"),
+    ]
+    spare = list(axes.flat[len(timed) :])
+    if spare:  # the legend takes the first empty panel
+        spare[0].set_visible(True)
+        spare[0].axis("off")
+        spare[0].legend(handles=handles, loc="center", fontsize=7, frameon=False)
+        fig.tight_layout()
+    else:
+        fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, min(0.45, 0.07 * -(-len(handles) // 2) / rows), 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def reported_modes(root: Path, tasks: Iterable[Task]) -> list[str]:
     """:data:`MODES_REPORTED`, then every other candidate with stored rewards for a task."""
     stored = {
@@ -1397,11 +1553,12 @@ def write_report(
     tables = [task_table(root, t, modes) for t in tasks]
     for t in tasks:
         plot_task(root, t, modes, Path(root) / "plots" / f"{task_dir_name(t)}.png")
+    plot_frontier(tables, Path(root) / FRONTIER_PLOT)
     path = Path(root) / "REWARD_FIDELITY.md"
     text = render_report(tables)
     path.write_text(text)
     if readme is not None and Path(readme).exists():
-        update_readme(Path(readme), text)
+        update_readme(Path(readme), text, root)
     return path
 
 
@@ -1409,8 +1566,11 @@ README_BLOCK = "reward-fidelity"
 """The README block (:mod:`autosculpt_env.readme_blocks`) this report regenerates."""
 
 
-def update_readme(readme: Path, report: str) -> bool:
-    """Replace the README's reward-fidelity block with the report's body (its title dropped).
+def update_readme(readme: Path, report: str, root: Path = DEFAULT_DIR) -> bool:
+    """Replace the README's reward-fidelity block with the report's body (its title dropped;
+    its links into ``root``, the fidelity folder it lies in, made relative to the README).
     Returns whether the README changed."""
     body = report.split("\n", 2)[2].strip()
+    prefix = Path(os.path.relpath(Path(root).resolve(), Path(readme).resolve().parent)).as_posix()
+    body = body.replace("](plots/", f"]({prefix}/plots/")
     return update_block(readme, README_BLOCK, body)

@@ -5,15 +5,18 @@ and the generated report."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import gymnasium as gym
+import numpy as np
 import pytest
 from gymnasium.envs.registration import register
 
 from autosculpt_env import ENTRY_POINT, fidelity
 from autosculpt_env.evaluation import unused_settings
 from autosculpt_env.leaderboard import Task
+from autosculpt_env.readme_blocks import end_marker
 
 TWIN = "AutoSculptFidelityTest-ResNetDigits"
 if TWIN not in gym.registry:
@@ -179,6 +182,27 @@ def test_agreement_of_a_perfect_and_a_reversed_ranking():
     assert b.spearman == pytest.approx(-1.0) and b.kendall == pytest.approx(-1.0)
 
 
+@pytest.mark.filterwarnings("ignore:An input array is constant")
+def test_agreement_is_scipys_spearman_and_kendall_with_ties_and_constants():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=(3, 12)), 0)  # ties on both sides
+    y = np.round(x[0] + rng.normal(size=(3, 12)), 1)
+    for a, b in [(x[0], y[0]), (x[1], y[1]), (np.ones(12), y[2])]:
+        got = fidelity.agreement(a, b, resamples=50)
+        rho, tau = stats.spearmanr(a, b)[0], stats.kendalltau(a, b)[0]
+        assert got.spearman == pytest.approx(0.0 if np.isnan(rho) else rho, abs=1e-12)
+        assert got.kendall == pytest.approx(0.0 if np.isnan(tau) else tau, abs=1e-12)
+    # the bootstrap evaluates the statistics on a stack of resamples at once
+    assert fidelity._spearman(x, y) == pytest.approx(
+        [stats.spearmanr(a, b)[0] for a, b in zip(x, y)]
+    )
+    assert fidelity._kendall(x.T, y.T, axis=0) == pytest.approx(
+        [stats.kendalltau(a, b)[0] for a, b in zip(x, y)]
+    )
+
+
 def _store_ground_truth(root, ps, scores):
     """Ground truth as ground_truth_one stores it, without the fine-tuning."""
     for p, score in zip(ps.policies, scores):
@@ -224,6 +248,52 @@ def test_report_marks_the_default_and_states_the_goal(root):
     assert "| accuracy |" not in text
     assert f"- {TASK.name}: ρ 1.00 against a goal of 0.80 (met); cost not measured" in text
     assert (root / "plots" / f"{fidelity.task_dir_name(TASK)}.png").exists()
+
+
+def test_the_frontier_keeps_timed_candidates_no_other_beats_and_the_readme_links_its_plot(
+    root, tmp_path
+):
+    ps = fidelity.PolicySet.load(root, TASK)
+    _store_ground_truth(root, ps, [0.5, 0.6, 0.7, 0.8])
+    up, down, mixed = [0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.1, 0.3, 0.2, 0.4]
+    candidates = {  # mode: (values, cost ratio or None)
+        "accuracy": (down, 1.0),  # cheapest: on the frontier however badly it ranks
+        "reconstruction": (down, 2.0),  # dearer and no better: off
+        "recovery": (mixed, 3.0),
+        "recovery[recovery_samples=9]": (up, 6.0),  # best, past the 5x bound
+        "recovery[recovery_samples=7]": (up, None),  # untimed: left out
+    }
+    for mode, (values, ratio) in candidates.items():
+        fidelity.atomic_write_json(
+            fidelity.rewards_path(root, TASK, mode),
+            {
+                "mode": mode,
+                "task": TASK.name,
+                "cost": None if ratio is None else {"ratio": ratio},
+                "values": {p.key: v for p, v in zip(ps.policies, values)},
+            },
+        )
+    table = fidelity.task_table(root, TASK, list(candidates))
+    points = fidelity.frontier(table)
+    assert [(m, r) for m, r, _ in points] == [
+        ("accuracy", 1.0),
+        ("recovery", 3.0),
+        ("recovery[recovery_samples=9]", 6.0),
+    ]
+    assert [a.spearman for _, _, a in points] == pytest.approx([-1.0, 0.8, 1.0])
+    line = fidelity.frontier_line(table)
+    assert line.startswith(f"{TASK.name}: `accuracy` 1.0× ρ -1.00 → `recovery` 3.0× ρ 0.80")
+    assert line.endswith("best within 5×: `recovery`")
+    readme = tmp_path / "docs" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text(
+        f"# x\n<!-- {fidelity.README_BLOCK}:start -->\nold\n{end_marker(fidelity.README_BLOCK)}\n"
+    )
+    text = fidelity.write_report(root, [TASK], list(candidates), readme=readme).read_text()
+    assert f"- {line}" in text and f"]({fidelity.FRONTIER_PLOT})" in text
+    assert (root / fidelity.FRONTIER_PLOT).stat().st_size > 0
+    rel = os.path.relpath(root, readme.parent)
+    assert f"]({rel}/{fidelity.FRONTIER_PLOT})" in readme.read_text()
 
 
 def test_a_reward_averaged_over_its_recovery_seeds_is_reported_beside_them(root):

@@ -188,6 +188,21 @@ def _stored(
     return surrogate.load_or_build(scorer.problem, key, target, refuse, design, progress=False)
 
 
+def proxied_candidate(key: dict) -> str:
+    """The reward a surrogate key stands for, spelt as a fidelity candidate (its mode with the
+    settings it reads where they differ from the env's common defaults, e.g.
+    ``recovery[recovery_batch_size=8,recovery_samples=2048]``)."""
+    from autosculpt_env.fidelity import candidate_spec
+
+    given = key.get("mode_settings", {})
+    settings = {k: given[k] for k in ("recovery_samples", "calibration_samples") if k in given}
+    if "recipe" in given:
+        settings["recovery_batch_size"] = given["recipe"]["batch_size"]
+    if "readout" in key:
+        settings["reward_readout"] = key["readout"]
+    return candidate_spec(key["mode"], settings)
+
+
 def _num(v: float | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -249,7 +264,8 @@ def render(
             else ""
         )
         lines += [
-            f"Mode `{meta['mode']}` of `{meta['key']['model']}` on `{meta['key']['dataset']}`, "
+            f"Stands for `{proxied_candidate(meta['key'])}` of `{meta['key']['model']}` on "
+            f"`{meta['key']['dataset']}`, "
             f"{meta['policies'] - extra} policies ({meta['design']['per_sampler']} per "
             f"sampler, seed {meta['design']['seed']}) + the dense one (accuracy "
             f"{s.dense_accuracy:.4f}){also}; "

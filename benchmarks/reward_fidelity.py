@@ -12,8 +12,9 @@ is resumable and stores each result as it is computed, so it can run in several 
     python benchmarks/reward_fidelity.py --verify 4            # do stored rewards reproduce?
     python benchmarks/reward_fidelity.py --cost accuracy reconstruction   # idle machine only
 
-The report (``benchmarks/fidelity/REWARD_FIDELITY.md`` and one scatter plot per task in
-``benchmarks/fidelity/plots/``) is regenerated at the end of every invocation.
+The report (``benchmarks/fidelity/REWARD_FIDELITY.md``, one scatter plot per task and the
+cost-fidelity frontier, ``frontier.png``, in ``benchmarks/fidelity/plots/``) is regenerated
+at the end of every invocation.
 """
 
 from __future__ import annotations

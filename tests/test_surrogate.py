@@ -409,6 +409,29 @@ def test_every_candidate_predicts_one_policy_as_a_batch_does(cache):
         assert sg.spearman(batch, y) > 0.8, name  # each learns a smooth target it is fitted on
 
 
+def test_the_proxy_report_spells_the_reward_a_surrogate_stands_for():
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "proxy_fidelity.py"
+    spell = runpy.run_path(str(script))["proxied_candidate"]
+    vit = {
+        "mode": "recovery",
+        "mode_settings": {"recovery_samples": 2048, "recipe": {"batch_size": 8}},
+    }
+    assert spell(vit) == "recovery[recovery_batch_size=8,recovery_samples=2048]"
+    assert spell({**vit, "readout": "probability"}) == (
+        "recovery[recovery_batch_size=8,recovery_samples=2048,reward_readout=probability]"
+    )
+    common = {"mode_settings": {"recovery_samples": 1024, "recipe": {"batch_size": 16}}}
+    assert spell({"mode": "recovery", **common}) == "recovery"
+    both = {"calibration_samples": 256, **common["mode_settings"]}
+    assert spell({"mode": "reconstruction+recovery", "mode_settings": both}) == (
+        "reconstruction+recovery"
+    )
+    assert spell({"mode": "accuracy", "mode_settings": {}}) == "accuracy"
+
+
 def test_proxy_fidelity_benchmark_writes_its_report(cache, tmp_path):
     import runpy
     from pathlib import Path
@@ -422,6 +445,7 @@ def test_proxy_fidelity_benchmark_writes_its_report(cache, tmp_path):
     bench["main"](args)
     report = out.read_text()
     assert "## AutoSculpt-VGG@0.5" in report and "*A small run (3 policies per sampler" in report
+    assert "Stands for `recovery" in report and "of `vgg11` on `digits`" in report
     for sampler in SAMPLERS:
         assert f"| {sampler} | 3 |" in report
     fits = list((cache / "surrogate" / "fits").glob("*.npz"))

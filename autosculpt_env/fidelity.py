@@ -1005,7 +1005,7 @@ def verdict(table: dict) -> str:
         return f"{table['task']}: no measurement of the default `{table['default']}` yet"
     goal = min(GOAL_SPEARMAN, ceiling.spearman - GOAL_CEILING_MARGIN)
     cost = entry.get("cost")
-    cost_s = "cost not measured" if not cost else f"cost {cost['ratio']:.1f}×"
+    cost_s = "cost not measured" if not cost else f"cost {_fmt_cost(cost['ratio'])}"
     cost_ok = bool(cost) and cost["ratio"] <= GOAL_COST
     met = a.spearman >= goal
     fresh = entry.get("searches_only")
@@ -1214,6 +1214,12 @@ def _measured(entry: dict) -> bool:
     return any(entry.get(k) for k in ("cost", "seeds", "holdout_seeds", "searches_only", *SETS))
 
 
+def _fmt_cost(ratio: float) -> str:
+    """A cost ratio: one decimal, or one significant digit below 0.1 (the proxy's is about
+    1e-4, which one decimal would print as 0.0)."""
+    return f"{ratio:.1f}×" if ratio >= 0.095 else f"{ratio:.1g}×"
+
+
 def _fmt(a: Agreement | None, which: str) -> str:
     if a is None:
         return "–"
@@ -1268,7 +1274,7 @@ def render_report(tables: list[dict]) -> str:
             if mode != t["default"] and not _measured(entry):
                 continue  # a candidate stored for other tasks only
             cost = entry.get("cost")
-            cost_s = f"{cost['ratio']:.1f}×" if cost else "–"
+            cost_s = _fmt_cost(cost["ratio"]) if cost else "–"
             lead = (
                 f"| {t['task']} | {comp['policies']} ({comp['with_ground_truth']}) | {ceiling} "
                 if first
@@ -1441,7 +1447,7 @@ def frontier_line(table: dict) -> str:
     for mode, ratio, a in points:
         held = table["modes"][mode].get("holdout")
         held_s = "" if held is None else f", holdout {held.spearman:.2f}"
-        parts.append(f"`{mode}` {ratio:.1f}× ρ {a.spearman:.2f}{held_s}")
+        parts.append(f"`{mode}` {_fmt_cost(ratio)} ρ {a.spearman:.2f}{held_s}")
     within = [p for p in points if p[1] <= GOAL_COST]
     best = (
         f"; best within {GOAL_COST:.0f}×: `{within[-1][0]}`"

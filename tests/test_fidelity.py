@@ -284,6 +284,8 @@ def test_the_frontier_keeps_timed_candidates_no_other_beats_and_the_readme_links
     line = fidelity.frontier_line(table)
     assert line.startswith(f"{TASK.name}: `accuracy` 1.0× ρ -1.00 → `recovery` 3.0× ρ 0.80")
     assert line.endswith("best within 5×: `recovery`")
+    # a microsecond proxy's cost does not print as 0.0×
+    assert [fidelity._fmt_cost(r) for r in (0.00042, 0.3, 3.44)] == ["0.0004×", "0.3×", "3.4×"]
     readme = tmp_path / "docs" / "README.md"
     readme.parent.mkdir()
     readme.write_text(

@@ -1355,6 +1355,19 @@ def render_report(tables: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _panels(n: int, max_cols: int, size: tuple[float, float]):
+    """A figure of ``n`` panels, at most ``max_cols`` a row, each ``size`` inches; the grid's
+    spare panels are hidden. Returns ``(fig, axes)``, ``axes`` a 2-D array."""
+    import matplotlib.pyplot as plt
+
+    cols = min(max_cols, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
 def plot_task(root: Path, task: Task, modes: Sequence[str], out: Path) -> Path | None:
     """Scatter of each mode's reward against the score (competitive filled, holdout
     crosses, broad hollow)."""
@@ -1379,11 +1392,7 @@ def plot_task(root: Path, task: Task, modes: Sequence[str], out: Path) -> Path |
         "holdout": {"color": "C2", "marker": "x"},
         "broad": {"facecolors": "none", "edgecolors": "C1"},
     }
-    cols = min(4, len(modes))
-    rows = -(-len(modes) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.3 * rows), squeeze=False)
-    for ax in axes.flat[len(modes) :]:
-        ax.set_visible(False)
+    fig, axes = _panels(len(modes), 4, (3.4, 3.3))
     for ax, mode in zip(axes.flat, modes):
         values = load_rewards(root, task, mode)["values"]
         for set_name in SETS:
@@ -1471,11 +1480,8 @@ def plot_frontier(tables: Sequence[dict], out: Path) -> Path | None:
         return None
     modes = list(dict.fromkeys(m for t in timed for m, e in t["modes"].items() if e.get("cost")))
     colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(modes)}
-    cols = min(3, len(timed))
-    rows = -(-len(timed) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
-    for ax in axes.flat[len(timed) :]:
-        ax.set_visible(False)
+    fig, axes = _panels(len(timed), 3, (4.2, 3.6))
+    rows = axes.shape[0]
     for ax, t in zip(axes.flat, timed):
         n = t["sets"]["competitive"]["with_ground_truth"]
         for mode, entry in t["modes"].items():

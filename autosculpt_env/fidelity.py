@@ -979,6 +979,14 @@ GOAL_COST = 5.0
 """... at no more than this multiple of a bare dense forward over the reward images."""
 
 
+def goal_of(ceiling: Agreement | None) -> float:
+    """The Spearman the default must reach on a set with this noise ceiling (the ceiling's own
+    agreement; ``None``: not measured, so the plain goal)."""
+    if ceiling is None:
+        return GOAL_SPEARMAN
+    return min(GOAL_SPEARMAN, ceiling.spearman - GOAL_CEILING_MARGIN)
+
+
 def default_mode(task: Task) -> str:
     """The candidate the task's registered id rewards with by default: its ``evaluation=``
     mode, with the settings that mode reads where the id or its zoo model
@@ -1003,7 +1011,7 @@ def verdict(table: dict) -> str:
     a, ceiling = entry.get("competitive"), table["sets"]["competitive"].get("ceiling")
     if a is None or ceiling is None:
         return f"{table['task']}: no measurement of the default `{table['default']}` yet"
-    goal = min(GOAL_SPEARMAN, ceiling.spearman - GOAL_CEILING_MARGIN)
+    goal = goal_of(ceiling)
     cost = entry.get("cost")
     cost_s = "cost not measured" if not cost else f"cost {_fmt_cost(cost['ratio'])}"
     cost_ok = bool(cost) and cost["ratio"] <= GOAL_COST
@@ -1427,21 +1435,23 @@ FRONTIER_PLOT = "plots/frontier.png"
 """The frontier figure, relative to the fidelity folder (the report links it from there)."""
 
 
+def timed_points(table: dict, set_name: str = "competitive") -> list[tuple[str, float, Agreement]]:
+    """``(mode, cost ratio, agreement on set_name)`` of every candidate that is timed and scored
+    on the whole set, in the table's order."""
+    n = table["sets"][set_name].get("with_ground_truth", 0)
+    return [
+        (mode, entry["cost"]["ratio"], entry[set_name])
+        for mode, entry in table["modes"].items()
+        if entry.get("cost") and entry.get(set_name) is not None and entry[set_name].n == n
+    ]
+
+
 def frontier(table: dict, set_name: str = "competitive") -> list[tuple[str, float, Agreement]]:
     """The task's cost-fidelity frontier on ``set_name``: ``(mode, cost ratio, agreement)`` of
     every timed candidate, scored on the whole set, that no other one beats at once on cost and
     on Spearman with the score, cheapest first (each ranks better than every cheaper one)."""
-    n = table["sets"][set_name].get("with_ground_truth", 0)
-    points = sorted(
-        (
-            (mode, entry["cost"]["ratio"], entry[set_name])
-            for mode, entry in table["modes"].items()
-            if entry.get("cost") and entry.get(set_name) is not None and entry[set_name].n == n
-        ),
-        key=lambda p: (p[1], -p[2].spearman),
-    )
     out: list[tuple[str, float, Agreement]] = []
-    for p in points:
+    for p in sorted(timed_points(table, set_name), key=lambda p: (p[1], -p[2].spearman)):
         if not out or p[2].spearman > out[-1][2].spearman:
             out.append(p)
     return out
@@ -1483,12 +1493,7 @@ def plot_frontier(tables: Sequence[dict], out: Path) -> Path | None:
     fig, axes = _panels(len(timed), 3, (4.2, 3.6))
     rows = axes.shape[0]
     for ax, t in zip(axes.flat, timed):
-        n = t["sets"]["competitive"]["with_ground_truth"]
-        for mode, entry in t["modes"].items():
-            a = entry.get("competitive")
-            if not entry.get("cost") or a is None or a.n != n:
-                continue
-            x = entry["cost"]["ratio"]
+        for mode, x, a in timed_points(t):
             is_default = mode == t["default"]
             ax.errorbar(
                 x,
@@ -1501,20 +1506,14 @@ def plot_frontier(tables: Sequence[dict], out: Path) -> Path | None:
                 elinewidth=0.8,
                 alpha=0.9,
             )
-            held = entry.get("holdout")
+            held = t["modes"][mode].get("holdout")
             if held is not None:
                 ax.plot(x, held.spearman, "x", color=colors[mode], ms=6)
         pts = frontier(t)
         xs = [p[1] for p in pts]
         ys = [p[2].spearman for p in pts]
         ax.step(xs, ys, where="post", color="grey", lw=1, zorder=0)
-        ceiling = t["sets"]["competitive"].get("ceiling")
-        goal = (
-            GOAL_SPEARMAN
-            if ceiling is None
-            else min(GOAL_SPEARMAN, ceiling.spearman - GOAL_CEILING_MARGIN)
-        )
-        ax.axhline(goal, ls="--", color="black", lw=0.8)
+        ax.axhline(goal_of(t["sets"]["competitive"].get("ceiling")), ls="--", color="k", lw=0.8)
         ax.axvline(GOAL_COST, ls=":", color="black", lw=0.8)
         ax.set_title(t["task"], fontsize=9)
         ax.set_xlabel("cost (× a bare dense forward)", fontsize=8)

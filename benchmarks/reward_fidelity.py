@@ -140,8 +140,14 @@ def main(args: Args) -> None:
     # the report always covers every leaderboard task (and any other task worked on here)
     reported = list(TASKS) + [t for t in tasks if t.name not in {u.name for u in TASKS}]
     out = fidelity.write_report(args.root, reported, readme=args.readme)
-    # the goal lines (default reward, proxy) on the terminal; the tables are in the report
-    print("\n".join(line for line in out.read_text().splitlines() if line.startswith("- ")))
+    # the report's lists (default reward and proxy against their goals, the frontier), each
+    # under its own lead sentence, on the terminal; the tables are in the report
+    lines = out.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("- "):
+            if not lines[i - 1].startswith("- "):
+                print(f"\n{lines[i - 2]}")
+            print(line)
     print(f"report: {out}")
     if stale:
         raise SystemExit(

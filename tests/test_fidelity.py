@@ -556,6 +556,10 @@ def test_the_benchmark_script_verifies_and_exits_nonzero_on_a_stale_reward(
         tasks=[TASK.name], root=root, rewards=["accuracy"], readme=None, progress=False
     )
     script.main(args)  # computes, then reports
+    out = capsys.readouterr().out.splitlines()
+    lead = [i for i, line in enumerate(out) if line.startswith("The registered ids' default")]
+    assert len(lead) == 1 and out[lead[0] + 1].startswith("- ")  # each list under its lead
+    assert f"- {TASK.name}: no measurement of the default `recovery` yet" in out
     args = script.Args(tasks=[TASK.name], root=root, verify=2, readme=None, progress=False)
     script.main(args)
     assert f"{TASK.name} accuracy: reproduces" in capsys.readouterr().out

@@ -306,7 +306,7 @@ RECOVERY_BATCH_SIZE = 16
 """Batch size of the ``recovery`` modes' short fine-tuning unless told otherwise. Smaller
 batches mean more SGD steps over the same images; on the fidelity benchmark's 34 ViT@0.5
 competitive policies, one pass over 2,048 images ranked like the fine-tuned score with
-Spearman 0.13 at batch 128, 0.73 at 16 and 0.84 at 8 (3.9x a bare forward), so the ViT's
+Spearman 0.13 at batch 128, 0.73 at 16 and 0.84 at 8 (within the 5x cost budget), so the ViT's
 own defaults are batch 8 over 2,048 images (``zoo.ZooModel.env_defaults``; the
 reward-fidelity report has every task's figures and costs)."""
 

@@ -217,7 +217,7 @@ _model(
         _DIGITS_VIT_RECIPE,
     ),
     # recovery over 2,048 images at batch 8 ranks the ViT's 34 competitive policies like
-    # the fine-tuned score with Spearman 0.84 (3.9x a bare forward), against 0.62 with the
+    # the fine-tuned score with Spearman 0.84 (within the 5x cost budget), against 0.62 with the
     # env's common setting (benchmarks/fidelity/REWARD_FIDELITY.md)
     env_defaults={"recovery_samples": 2048, "recovery_batch_size": 8},
 )

@@ -69,7 +69,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from . import zoo
-from .evaluation import DEFAULT_READOUT
+from .evaluation import DEFAULT_READOUT, EVALUATIONS
 from .policy_collection import Collection, Design, EvaluationStore, collect
 from .problem import PruningProblem
 from .records import default_file_mode
@@ -202,14 +202,18 @@ def config_key(
     return json.loads(json.dumps(key))  # as a file stores it (tuples become lists)
 
 
-def env_key(env) -> tuple[dict, str]:
+def env_key(env, mode: str | None = None) -> tuple[dict, str]:
     """``(config_key, mode)`` of the surrogate that stands in for an env's proxied mode.
 
     ``env`` is any AutoSculpt env (its ``evaluation=`` does not matter); the key is the one
-    ``evaluation="proxy"`` on the same keywords computes.
+    ``evaluation="proxy"`` on the same keywords computes. Another ``mode`` gives the key of
+    a surrogate of that reward on the same settings (one ``evaluation="proxy"`` does not
+    serve: a candidate default's proxy, measured before a switch).
     """
     base = env.unwrapped
-    mode = proxied_mode(base.problem.model_name, base.problem.catalog.name)
+    if mode is None:
+        mode = proxied_mode(base.problem.model_name, base.problem.catalog.name)
+    check_proxiable(mode)
     key = config_key(
         base.problem,
         base.evaluator,
@@ -219,6 +223,18 @@ def env_key(env) -> tuple[dict, str]:
         base.env_kwargs.get("reward_readout", DEFAULT_READOUT),
     )
     return key, mode
+
+
+def check_proxiable(mode: str) -> str:
+    """``mode`` if a surrogate can stand for it: any ``evaluation=`` mode but ``proxy``.
+
+    Raises:
+        ValueError: naming the modes it can stand for.
+    """
+    if mode not in EVALUATIONS or mode == "proxy":
+        choices = ", ".join(m for m in EVALUATIONS if m != "proxy")
+        raise ValueError(f"a surrogate stands for one of {choices}, not {mode!r}")
+    return mode
 
 
 def seeded_key(key: dict, seed: int) -> dict:

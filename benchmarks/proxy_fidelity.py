@@ -5,6 +5,8 @@
     python benchmarks/proxy_fidelity.py --dataset digits      # the digits twins, fast
     python benchmarks/proxy_fidelity.py --ship                # ... and ship the surrogates
     python benchmarks/proxy_fidelity.py --report-only         # the report from what is stored
+    python benchmarks/proxy_fidelity.py --tasks AutoSculpt-MobileNet@0.5 \\
+        --mode reconstruction+recovery --out /tmp/PROXY.md  # a candidate default's proxy
 
 For each task (env id @ FLOPs target): draws ``--per-sampler`` policies from each sampler of
 :mod:`autosculpt_env.policy_collection`, scores each with the reward mode the proxy stands
@@ -48,6 +50,7 @@ from autosculpt_env.leaderboard import TASKS, Task
 from autosculpt_env.policy_collection import SAMPLERS, Design, EvaluationStore, rescore
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "PROXY_FIDELITY.md"
 
 
 @dataclass
@@ -72,13 +75,18 @@ class Args:
     report_only: bool = False
     """write the report from the shipped (else cached) surrogates: no collection, no fit
     (tasks with neither are listed as not built yet)"""
-    out: Path = ROOT / "benchmarks" / "PROXY_FIDELITY.md"
+    out: Path = DEFAULT_OUT
     """the markdown report"""
     progress: bool = True
     """progress bars"""
     store: Path | None = None
     """keep the evaluations in this folder instead of the cache (a committed folder lets a
     collection that outlasts the machine resume on the next one)"""
+    mode: str | None = None
+    """the reward mode the surrogates stand for (default: the one ``evaluation="proxy"``
+    serves, the registered id's default): another measures a candidate default's proxy
+    before a switch; it needs --out (the published report keeps the served proxies) and
+    never ships"""
     reward_seed_policies: int = 0
     """score each sampler's first N policies again under the recovery pass's seed 1 (the
     reward's own seed agreement; 30 for the published report; with --report-only, the
@@ -98,9 +106,9 @@ def run_task(name: str, args: Args) -> tuple[surrogate.Surrogate | None, dict]:
         raise SystemExit(f"--tasks: {e}") from None
     env_id, target = task.env_id, task.target_flops_reduction
     kw = {} if args.dataset is None else {"dataset": args.dataset}
-    mode = surrogate.proxied_mode_of(env_id)
+    mode = args.mode or surrogate.proxied_mode_of(env_id)
     scorer = gym.make(env_id, target_flops_reduction=target, evaluation=mode, **kw).unwrapped
-    key, _ = surrogate.env_key(scorer)
+    key, _ = surrogate.env_key(scorer, args.mode)
 
     def evaluator():
         return lambda policy: scorer.evaluate_policy(policy)["accuracy"]
@@ -311,6 +319,21 @@ def main(args: Args) -> None:
 
     if args.ship and args.report_only:
         raise SystemExit("--ship fits and ships; --report-only fits nothing: pick one")
+    if args.mode is not None:
+        try:
+            surrogate.check_proxiable(args.mode)
+        except ValueError as e:
+            raise SystemExit(f"--mode: {e}") from None
+        if args.ship:
+            raise SystemExit(
+                f"--ship ships the surrogates evaluation='proxy' serves; --mode {args.mode} "
+                "measures another reward's: drop one"
+            )
+        if args.out.resolve() == DEFAULT_OUT.resolve():
+            raise SystemExit(
+                f"--mode {args.mode}: give --out FILE; {DEFAULT_OUT.relative_to(ROOT)} keeps "
+                "the figures of the surrogates evaluation='proxy' serves"
+            )
     torch.set_num_threads(args.threads)
     if args.store is not None:
         args.store.mkdir(parents=True, exist_ok=True)

@@ -519,6 +519,37 @@ def test_proxy_fidelity_store_keeps_the_evaluations_in_a_folder(cache, tmp_path,
     assert strip((tmp_path / "c.md").read_text()) == strip(report)
 
 
+def test_proxy_fidelity_measures_another_modes_surrogate_apart(cache, tmp_path, monkeypatch):
+    """``--mode MODE``: a surrogate of a reward ``evaluation="proxy"`` does not serve (a
+    candidate default's), under that mode's own key, reported to --out only, never shipped;
+    the env's proxy is left as it was."""
+    import runpy
+    from pathlib import Path
+
+    monkeypatch.setenv(sg.STORE_ENV, "")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "proxy_fidelity.py"
+    bench = runpy.run_path(str(script))
+    store = tmp_path / "collections"
+    args = dict(tasks=["AutoSculpt-VGG@0.5"], dataset="digits", per_sampler=2, progress=False)
+    mode = "reconstruction+recovery"
+    bench["main"](bench["Args"](**args, mode=mode, out=tmp_path / "m.md", store=store))
+    assert "Stands for `reconstruction+recovery` of `vgg11`" in (tmp_path / "m.md").read_text()
+    (stored,) = store.glob("*.jsonl")
+    env = gym.make("AutoSculpt-VGG", dataset="digits")
+    assert json.loads(stored.read_text().splitlines()[0])["key"] == sg.env_key(env, mode)[0]
+    assert sg.env_key(env, mode)[0] != sg.env_key(env)[0]  # not the key proxy mode reads
+    for bad, match in (
+        (dict(mode=mode), "give --out"),  # the published report keeps the served proxies
+        (dict(mode=mode, out=tmp_path / "x.md", ship=True), "drop one"),
+        (dict(mode="proxy", out=tmp_path / "x.md"), "stands for one of accuracy"),
+    ):
+        with pytest.raises(SystemExit, match=match):
+            bench["main"](bench["Args"](**args, store=store, **bad))
+    assert list(store.glob("*.jsonl")) == [stored]  # the refused runs scored nothing
+    with pytest.raises(ValueError, match="not 'proxy'"):
+        sg.env_key(env, "proxy")
+
+
 def test_a_seeded_reward_evaluator_is_the_env_reward_under_another_seed(cache):
     from autosculpt_env.envs.autosculpt import seeded_reward_evaluator
 

@@ -69,11 +69,14 @@ def test_finetuning_recovers_accuracy(env):
     base = env.unwrapped
     policy = heavy_policy(base, "level_0.7")
     test = data.load("digits", "test")
-    before = accuracy(base.pruned_model(policy), test)
+    # fine-tuning starts from the masked network; the id's reward network (pruned_model)
+    # has had the reward's short recovery already, so compare with the masked one
+    masked = base.evaluator.calibrated_model(base.problem.policy_indices(policy))
+    before = accuracy(masked, test)
     model, _ = ft.finetune(env, policy, seed=0, progress=False)  # the digits recipe
     after = accuracy(model, test)
     assert after >= before
-    assert after > before + 0.2  # 0.16 -> ~0.8 on this policy
+    assert after > before + 0.2  # about 0.12 -> 0.96 on this policy
 
 
 def test_save_load_round_trip(env, tuned, tmp_path):

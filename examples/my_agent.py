@@ -106,16 +106,17 @@ def main() -> int:
     lo, hi = flops_band(base.target, base.band_tolerance)
 
     def gap(policy: list[int]) -> float:
+        """How far the policy's FLOPs reduction lies outside the band (0 inside)."""
         r = reduction(policy)
-        return max(lo - r, r - hi, 0.0)
+        return 0.0 if env_within_band(base, r) else max(lo - r, r - hi)
 
-    walked = False
+    walked, current_gap = False, gap(current)
     for _ in range(10_000):
-        if gap(current) == 0.0:
+        if current_gap == 0.0:
             break
         move = neighbour(current)
-        if move is not None and base.playable(move) and gap(move) < gap(current):
-            current, walked = move, True
+        if move is not None and base.playable(move) and (g := gap(move)) < current_gap:
+            current, current_gap, walked = move, g, True
     if walked and not evaluations.limit_reached:
         metrics = base.evaluate_policy(current)
         offer(metrics)
